@@ -1,0 +1,199 @@
+"""One typed, frozen configuration object, built once at start-up.
+
+Sources, later wins: the defaults below, a TOML file, then ``GATEWAY_<SECTION>_<KEY>`` environment
+variables (``GATEWAY_ENGINES_<NAME>_<KEY>`` for an engine). Environment values are read as TOML
+values when they parse as one (``[..]`` lists, numbers, booleans) and as plain strings otherwise.
+Unknown keys, in the file or in the environment, are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+__all__ = [
+    "Config",
+    "EngineConfig",
+    "OpenAIRealtimeConfig",
+    "PocketSphinxConfig",
+    "ScriptedConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "WhisperLiveKitConfig",
+    "load_config",
+]
+
+ENV_PREFIX = "GATEWAY_"
+PositiveFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    bind: str = "127.0.0.1:8000"
+    default_engine: str = "embedded"
+    # Seconds without any byte sent before an SSE stream gets a ": keepalive" comment; 0 disables.
+    keepalive: PositiveFloat = 15.0
+    max_upload_bytes: Annotated[int, msgspec.Meta(gt=0)] = 200 * 1024 * 1024
+    spool_dir: str = ""
+    certfile: str = ""
+    keyfile: str = ""
+    hypercorn_config: str = ""
+
+
+class StoreConfig(_Section):
+    path: str = "data/gateway.sqlite3"
+
+
+class _EngineBase(_Section, tag_field="kind"):
+    pass
+
+
+class PocketSphinxConfig(_EngineBase, tag="pocketsphinx"):
+    # Concurrent decodes across all sessions; 0 means the CPU count.
+    workers: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Audio seconds between live partial snapshots.
+    partial_interval: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    # Speech longer than this without a pause is cut into separately decoded segments.
+    max_segment_seconds: Annotated[float, msgspec.Meta(gt=1)] = 30.0
+
+
+class ScriptedConfig(_EngineBase, tag="scripted"):
+    """A deterministic engine for demos, tests and benchmarks: it replays a fixed script."""
+
+    words: list[str] = msgspec.field(default_factory=lambda: ["hello", "world"])
+    # Audio seconds per scripted word (one committed segment per word).
+    seconds_per_word: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    # Wall-clock delay before each update: 0 is an instant engine, >0 a slow one.
+    delay: PositiveFloat = 0.0
+    # Fail with UPSTREAM_ERROR after this many updates (-1: never).
+    fail_after: int = -1
+
+
+class WhisperLiveKitConfig(_EngineBase, tag="whisperlivekit"):
+    urls: list[str] = msgspec.field(default_factory=list)
+    max_sessions: Annotated[int, msgspec.Meta(gt=0)] = 2
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 32
+    queue_timeout: PositiveFloat = 300.0
+    lead_seconds: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    ping_interval: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    ping_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    session_timeout: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 5
+    backoff_initial: PositiveFloat = 0.5
+    backoff_max: PositiveFloat = 10.0
+    token: str = ""
+
+
+class OpenAIRealtimeConfig(_EngineBase, tag="openai-realtime"):
+    url: str = "wss://api.openai.com/v1/realtime?intent=transcription"
+    api_key_env: str = "OPENAI_API_KEY"
+    model: str = "gpt-4o-transcribe"
+    language: str = ""
+    prompt: str = ""
+    # "server_vad" or "none" (manual commits).
+    turn_detection: Literal["server_vad", "none"] = "server_vad"
+    vad_threshold: float = 0.5
+    vad_prefix_padding_ms: int = 300
+    vad_silence_duration_ms: int = 500
+    noise_reduction: Literal["near_field", "far_field", "none"] = "none"
+    max_sessions: Annotated[int, msgspec.Meta(gt=0)] = 4
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 32
+    queue_timeout: PositiveFloat = 300.0
+    buffer_bytes: Annotated[int, msgspec.Meta(gt=0)] = 8 * 1024 * 1024
+    ping_interval: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    ping_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    session_timeout: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 5
+    backoff_initial: PositiveFloat = 0.5
+    backoff_max: PositiveFloat = 10.0
+
+
+EngineConfig = PocketSphinxConfig | ScriptedConfig | WhisperLiveKitConfig | OpenAIRealtimeConfig
+
+
+def _default_engines() -> dict[str, EngineConfig]:
+    return {"embedded": PocketSphinxConfig()}
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    engines: dict[str, EngineConfig] = msgspec.field(default_factory=_default_engines)
+
+    def __post_init__(self) -> None:
+        if self.server.default_engine not in self.engines:
+            raise ValueError(
+                f"server.default_engine {self.server.default_engine!r} is not a configured engine"
+            )
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    sections = set(Config.__struct_fields__)
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section not in sections or not key:
+            raise ConfigError(f"unknown configuration variable {name}")
+        if section == "engines":
+            engines = data.setdefault("engines", {})
+            # The longest configured engine name that prefixes the rest wins, so names may hold "_".
+            names = sorted(
+                (n for n in engines if key.startswith(n.lower() + "_")), key=len, reverse=True
+            )
+            if not names:
+                raise ConfigError(f"{name}: no configured engine matches; define it in the file")
+            engine = names[0]
+            engines[engine][key[len(engine) + 1 :]] = _env_value(raw)
+        else:
+            data.setdefault(section, {})[key] = _env_value(raw)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build the configuration from an optional TOML file and the environment."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    if "engines" not in data:
+        data["engines"] = {"embedded": {"kind": "pocketsphinx"}}
+    _apply_env(data, os.environ if environ is None else environ)
+    where = f"{path}: " if path is not None else ""
+    engines = data.get("engines")
+    if isinstance(engines, dict):
+        # Converted one by one first so that an error names the engine, not "engines[...]".
+        for name, engine in engines.items():
+            try:
+                msgspec.convert(engine, EngineConfig, strict=False)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"{where}engines.{name}: {exc}") from exc
+    try:
+        return msgspec.convert(data, Config, strict=False)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ConfigError(f"{where}{exc}") from exc

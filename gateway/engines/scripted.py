@@ -1,0 +1,105 @@
+"""A deterministic engine that replays a fixed script of words against the audio it receives.
+
+It exists for demos, tests and benchmarks that need a real engine with known output and no model:
+word *i* of the script covers audio ``[i, i+1) * seconds_per_word`` and is committed once that much
+audio has arrived; the last word still growing is shown as a tentative segment. ``delay`` makes it
+slow, ``fail_after`` makes it fail with ``UPSTREAM_ERROR``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+
+from ..config import ScriptedConfig
+from ..errors import UpstreamError
+from ..events import EngineUpdate, Segment
+from .base import PCM_BYTES_PER_SECOND, Engine, Session, SessionOptions
+
+__all__ = ["ScriptedEngine"]
+
+# Updates waiting for the pipeline's receiver; each is a few hundred bytes, so a stream holds < 8 KiB.
+RESULTS_CAPACITY = 16
+
+
+class _ScriptedSession(Session):
+    def __init__(self, engine: ScriptedEngine) -> None:
+        self._engine = engine
+        self._cfg = engine.config
+        self._received = 0
+        self._updates = 0
+        self._send, self._recv = anyio.create_memory_object_stream[EngineUpdate | Exception](
+            RESULTS_CAPACITY
+        )
+
+    def _update(self, final: bool) -> EngineUpdate:
+        spw = self._cfg.seconds_per_word
+        seconds = self._received / PCM_BYTES_PER_SECOND
+        words = self._cfg.words
+        # Complete words are committed; at the end a partly heard word counts as complete.
+        heard = -(-seconds // spw) if final else seconds // spw
+        done = min(len(words), int(heard))
+        committed = tuple(Segment(i * spw, (i + 1) * spw, words[i]) for i in range(done))
+        tentative: tuple[Segment, ...] = ()
+        if not final and done < len(words) and seconds > done * spw:
+            tentative = (Segment(done * spw, seconds, words[done]),)
+        return EngineUpdate(committed=committed, tentative=tentative, processed=seconds)
+
+    async def _emit(self, final: bool) -> None:
+        if self._cfg.delay:
+            await anyio.sleep(self._cfg.delay)
+        self._updates += 1
+        if 0 <= self._cfg.fail_after < self._updates:
+            await self._send.send(UpstreamError("scripted failure"))
+            return
+        await self._send.send(self._update(final))
+
+    async def send_audio(self, chunk: bytes) -> None:
+        before = int(self._received / PCM_BYTES_PER_SECOND / self._cfg.seconds_per_word)
+        self._received += len(chunk)
+        after = int(self._received / PCM_BYTES_PER_SECOND / self._cfg.seconds_per_word)
+        if after != before:
+            await self._emit(final=False)
+
+    async def end_audio(self) -> None:
+        await self._emit(final=True)
+        await self._send.aclose()
+
+    async def results(self) -> AsyncIterator[EngineUpdate]:
+        async for item in self._recv:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+        await self._recv.aclose()
+
+
+class ScriptedEngine(Engine):
+    kind = "scripted"
+
+    def __init__(self, name: str, config: ScriptedConfig) -> None:
+        super().__init__(name)
+        self.config = config
+        self.active = 0
+        self.opened = 0
+        self.closed = 0
+
+    @asynccontextmanager
+    async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
+        session = _ScriptedSession(self)
+        self.active += 1
+        self.opened += 1
+        try:
+            yield session
+        finally:
+            self.active -= 1
+            self.closed += 1
+            with anyio.CancelScope(shield=True):
+                await session.aclose()
+
+    def stats(self) -> dict[str, int]:
+        return {"sessions": self.active, "opened": self.opened, "closed": self.closed}

@@ -1,0 +1,146 @@
+"""The gateway's exception tree and its stable, machine-readable error codes.
+
+Every failure a client can see is a :class:`GatewayError`. Before a stream starts it becomes a
+4xx/5xx JSON body ``{"error": {"code", "detail"}}``; after, exactly one ``error`` event. Foreign
+exceptions (PyAV, sqlite3, trio-websocket, ...) are mapped into this tree at one boundary per
+module with ``raise ... from exc``.
+
+::
+
+    GatewayError                      code                   HTTP
+    ├── BadRequest                    BAD_REQUEST            400
+    │   ├── MissingFile               MISSING_FILE           400
+    │   ├── EmptyFile                 EMPTY_FILE             400
+    │   └── InvalidOption             INVALID_OPTION         400
+    ├── PayloadTooLarge               PAYLOAD_TOO_LARGE      413
+    ├── UnsupportedMediaType          UNSUPPORTED_MEDIA_TYPE 415
+    ├── DecodeError                   DECODE_ERROR           415
+    ├── NotFound                      NOT_FOUND              404
+    │   └── UnknownEngine             UNKNOWN_ENGINE         404
+    ├── CapacityExhausted             CAPACITY_EXHAUSTED     503 (+ Retry-After)
+    ├── CapacityTimeout               CAPACITY_TIMEOUT       503
+    ├── EngineError
+    │   ├── UpstreamUnavailable       UPSTREAM_UNAVAILABLE   503
+    │   └── UpstreamError             UPSTREAM_ERROR         502
+    ├── Timeout                       TIMEOUT                504
+    ├── ShuttingDown                  SHUTTING_DOWN          503
+    ├── StoreError                    STORE_ERROR            500
+    └── InternalError                 INTERNAL_ERROR         500
+
+``ConfigError`` stands apart: it is raised at start-up, never shown to an HTTP client.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequest",
+    "CapacityExhausted",
+    "CapacityTimeout",
+    "ConfigError",
+    "DecodeError",
+    "EmptyFile",
+    "EngineError",
+    "GatewayError",
+    "InternalError",
+    "InvalidOption",
+    "MissingFile",
+    "NotFound",
+    "PayloadTooLarge",
+    "ShuttingDown",
+    "StoreError",
+    "Timeout",
+    "UnknownEngine",
+    "UnsupportedMediaType",
+    "UpstreamError",
+    "UpstreamUnavailable",
+]
+
+
+class GatewayError(Exception):
+    """Base of every client-visible failure; ``code`` is stable, ``detail`` is for humans."""
+
+    code = "INTERNAL_ERROR"
+    status = 500
+
+    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(detail or self.code)
+        self.detail = detail or self.code
+        self.retry_after = retry_after
+
+
+class BadRequest(GatewayError):
+    code, status = "BAD_REQUEST", 400
+
+
+class MissingFile(BadRequest):
+    code = "MISSING_FILE"
+
+
+class EmptyFile(BadRequest):
+    code = "EMPTY_FILE"
+
+
+class InvalidOption(BadRequest):
+    code = "INVALID_OPTION"
+
+
+class PayloadTooLarge(GatewayError):
+    code, status = "PAYLOAD_TOO_LARGE", 413
+
+
+class UnsupportedMediaType(GatewayError):
+    code, status = "UNSUPPORTED_MEDIA_TYPE", 415
+
+
+class DecodeError(GatewayError):
+    code, status = "DECODE_ERROR", 415
+
+
+class NotFound(GatewayError):
+    code, status = "NOT_FOUND", 404
+
+
+class UnknownEngine(NotFound):
+    code = "UNKNOWN_ENGINE"
+
+
+class CapacityExhausted(GatewayError):
+    code, status = "CAPACITY_EXHAUSTED", 503
+
+
+class CapacityTimeout(GatewayError):
+    code, status = "CAPACITY_TIMEOUT", 503
+
+
+class EngineError(GatewayError):
+    """A failure of the recogniser behind the gateway."""
+
+    code, status = "UPSTREAM_ERROR", 502
+
+
+class UpstreamUnavailable(EngineError):
+    code, status = "UPSTREAM_UNAVAILABLE", 503
+
+
+class UpstreamError(EngineError):
+    code, status = "UPSTREAM_ERROR", 502
+
+
+class Timeout(GatewayError):
+    code, status = "TIMEOUT", 504
+
+
+class ShuttingDown(GatewayError):
+    code, status = "SHUTTING_DOWN", 503
+
+
+class StoreError(GatewayError):
+    code, status = "STORE_ERROR", 500
+
+
+class InternalError(GatewayError):
+    code, status = "INTERNAL_ERROR", 500
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the offending key."""

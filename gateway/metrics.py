@@ -1,0 +1,90 @@
+"""Prometheus collectors, all in one registry that /metrics renders.
+
+Engine-specific collectors live beside their engine but register in :data:`REGISTRY` too.
+Gauges that describe engines (sessions, queue length, upstream health) are read at scrape time
+from the engines themselves, so they can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "ACTIVE_STREAMS",
+    "AUDIO_SECONDS",
+    "REGISTRY",
+    "SESSION_DURATION",
+    "STREAM_OUTCOMES",
+    "TIME_TO_FIRST_EVENT",
+    "EngineStatsCollector",
+    "render",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+ACTIVE_STREAMS = Gauge(
+    "gateway_active_streams",
+    "Transcription streams in flight (queued or running).",
+    ["engine"],
+    registry=REGISTRY,
+)
+STREAM_OUTCOMES = Counter(
+    "gateway_stream_outcomes",
+    "Finished transcription requests by outcome code (OK, CACHED, DISCONNECTED or an error code).",
+    ["engine", "code"],
+    registry=REGISTRY,
+)
+TIME_TO_FIRST_EVENT = Histogram(
+    "gateway_time_to_first_event_seconds",
+    "From upload complete to the first transcription (or done) event.",
+    ["engine"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+SESSION_DURATION = Histogram(
+    "gateway_session_duration_seconds",
+    "Wall-clock duration of engine sessions.",
+    ["engine"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600),
+    registry=REGISTRY,
+)
+AUDIO_SECONDS = Counter(
+    "gateway_audio_seconds",
+    "Seconds of audio transcribed to completion.",
+    ["engine"],
+    registry=REGISTRY,
+)
+
+
+class EngineStatsCollector(Collector):
+    """Exports each engine's ``stats()`` numbers as ``gateway_engine_<stat>{engine,upstream}``."""
+
+    def __init__(self, engines: Callable[[], Iterable[Any]]) -> None:
+        self._engines = engines
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families: dict[str, GaugeMetricFamily] = {}
+        for engine in self._engines():
+            for stat, value in engine.stats().items():
+                family = families.get(stat)
+                if family is None:
+                    family = families[stat] = GaugeMetricFamily(
+                        f"gateway_engine_{stat}",
+                        f"Engine figure {stat!r}, per upstream where it has several.",
+                        labels=["engine", "upstream"],
+                    )
+                if isinstance(value, dict):
+                    for upstream, v in value.items():
+                        family.add_metric([engine.name, str(upstream)], float(v))
+                else:
+                    family.add_metric([engine.name, ""], float(value))
+        yield from families.values()
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)
