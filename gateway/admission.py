@@ -197,3 +197,10 @@ class Admission:
 
     def unavailable(self) -> UpstreamUnavailable:
         return UpstreamUnavailable("no healthy upstream: " + ", ".join(self._upstreams))
+
+    def check(self) -> None:
+        """Refuse up front (CAPACITY_EXHAUSTED) when ``acquire`` would find the queue full."""
+        if len(self._waiters) >= self.max_queue and (self._waiters or self._pick() is None):
+            raise CapacityExhausted(
+                f"{len(self._waiters)} requests already queued", retry_after=5.0
+            )

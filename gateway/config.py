@@ -65,6 +65,9 @@ class PocketSphinxConfig(_EngineBase, tag="pocketsphinx"):
     partial_interval: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     # Speech longer than this without a pause is cut into separately decoded segments.
     max_segment_seconds: Annotated[float, msgspec.Meta(gt=1)] = 30.0
+    # Sessions waiting for a free worker; past this a request is refused with 503.
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 256
+    queue_timeout: PositiveFloat = 600.0
 
 
 class ScriptedConfig(_EngineBase, tag="scripted"):
@@ -77,6 +80,10 @@ class ScriptedConfig(_EngineBase, tag="scripted"):
     delay: PositiveFloat = 0.0
     # Fail with UPSTREAM_ERROR after this many updates (-1: never).
     fail_after: int = -1
+    # Concurrent sessions (0: unlimited); more wait in a FIFO queue with visible positions.
+    max_sessions: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 256
+    queue_timeout: PositiveFloat = 600.0
 
 
 class WhisperLiveKitConfig(_EngineBase, tag="whisperlivekit"):

@@ -32,6 +32,11 @@ module with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import anyio
+
 __all__ = [
     "BadRequest",
     "CapacityExhausted",
@@ -53,6 +58,7 @@ __all__ = [
     "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamUnavailable",
+    "collapse_groups",
 ]
 
 
@@ -144,3 +150,31 @@ class InternalError(GatewayError):
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names the offending key."""
+
+
+@contextmanager
+def collapse_groups() -> Iterator[None]:
+    """Re-raise the most useful single exception out of a task group's ExceptionGroup.
+
+    A task group that fails wraps the failure (and the other tasks' cancellations) in an
+    ExceptionGroup. Callers care about the one real error: a GatewayError first, then any other
+    non-cancellation error. A group of cancellations only is re-raised untouched.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        cancelled = anyio.get_cancelled_exc_class()
+        real = [e for e in leaves if not isinstance(e, cancelled)]
+        chosen = next((e for e in real if isinstance(e, GatewayError)), real[0] if real else None)
+        if chosen is None:
+            raise
+        raise chosen from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

@@ -76,6 +76,10 @@ class Engine(abc.ABC):
     def open_session(self, options: SessionOptions) -> AbstractAsyncContextManager[Session]:
         """Wait for capacity (reporting queue positions), connect, and yield a ready session."""
 
+    def admit(self) -> None:
+        """Raise CapacityExhausted if a session opened now would be refused; called before the
+        stream starts, so the client gets a 503 with Retry-After instead of an error event."""
+
     async def readiness(self) -> str | None:
         """``None`` when the engine can take sessions, otherwise the reason it cannot."""
         return None

@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 
 import anyio
 
+from ..admission import Admission
+
 from ..config import ScriptedConfig
 from ..errors import UpstreamError
 from ..events import EngineUpdate, Segment
@@ -87,9 +89,37 @@ class ScriptedEngine(Engine):
         self.active = 0
         self.opened = 0
         self.closed = 0
+        self._changed = anyio.Event()
+        self._admission = (
+            Admission(
+                {"scripted": config.max_sessions},
+                max_queue=config.max_queue,
+                queue_timeout=config.queue_timeout,
+            )
+            if config.max_sessions
+            else None
+        )
+
+    def admit(self) -> None:
+        if self._admission is not None:
+            self._admission.check()
+
+    async def wait_closed(self, count: int) -> None:
+        """Wait until ``count`` sessions have been closed (for tests and benchmarks)."""
+        while self.closed < count:
+            await self._changed.wait()
 
     @asynccontextmanager
     async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
+        if self._admission is None:
+            async with self._session() as session:
+                yield session
+        else:
+            async with self._admission.acquire(options.on_queued), self._session() as session:
+                yield session
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[Session]:
         session = _ScriptedSession(self)
         self.active += 1
         self.opened += 1
@@ -98,6 +128,8 @@ class ScriptedEngine(Engine):
         finally:
             self.active -= 1
             self.closed += 1
+            self._changed.set()
+            self._changed = anyio.Event()
             with anyio.CancelScope(shield=True):
                 await session.aclose()
 

@@ -1,0 +1,180 @@
+"""What every front API shares: turning a request into a :class:`~gateway.pipeline.Job`, and
+serving a job as an SSE stream or as one final result.
+
+A front API supplies a :class:`Translator` (typed events to wire frames) and its own error shape;
+the pipeline, the store and the engines are the same for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.types import Message, Receive, Scope, Send
+
+from ..audio import Upload, open_decoder, receive_upload
+from ..errors import InvalidOption, UnknownEngine, UpstreamUnavailable
+from ..events import Done, Failed, StreamEvent
+from ..pipeline import KEEPALIVE, Job, Outbox, keepalive, run_job
+
+if TYPE_CHECKING:
+    from ..app import GatewayState
+
+__all__ = ["SSE_HEADERS", "SSEStream", "Translator", "parse_bool", "prepare_job", "run_to_end"]
+
+log = logging.getLogger("gateway.api")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class Translator(Protocol):
+    keepalive_frame: bytes
+
+    def encode(self, event: StreamEvent) -> bytes | None:
+        """The wire frame(s) for one event, or None to send nothing for it."""
+
+
+def parse_bool(name: str, value: str, default: bool) -> bool:
+    if value == "":
+        return default
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise InvalidOption(f"{name} must be true or false, got {value!r}")
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    async for chunk in request.stream():
+        if chunk:
+            yield chunk
+
+
+async def receive(request: Request, state: GatewayState) -> Upload:
+    length = request.headers.get("content-length")
+    return await receive_upload(
+        request.headers.get("content-type", ""),
+        int(length) if length and length.isdigit() else None,
+        _body(request),
+        max_bytes=state.config.server.max_upload_bytes,
+        spool_dir=state.config.server.spool_dir or None,
+    )
+
+
+def option(request: Request, upload: Upload | None, name: str, default: str = "") -> str:
+    if upload is not None and name in upload.fields:
+        return upload.field(name)
+    return request.query_params.get(name, default)
+
+
+async def prepare_job(
+    state: GatewayState,
+    upload: Upload,
+    *,
+    engine_name: str,
+    language: str,
+    use_cache: bool,
+    tenant: str = "",
+) -> Job:
+    """Check the engine and probe the audio; every failure here is a 4xx/5xx before the stream."""
+    try:
+        engine = state.engine(engine_name)
+        engine.admit()
+        reason = await engine.readiness()
+        if reason is not None:
+            raise UpstreamUnavailable(reason)
+        decoder = await anyio.to_thread.run_sync(open_decoder, upload.path)
+    except BaseException:
+        await upload.aclose()
+        raise
+    return Job(
+        upload=upload,
+        decoder=decoder,
+        engine=engine,
+        store=state.store,
+        language=language,
+        use_cache=use_cache,
+        tenant=tenant,
+        total_time=decoder.duration,
+    )
+
+
+def check_engine(state: GatewayState, name: str) -> None:
+    if name and name not in state.engines:
+        raise UnknownEngine(f"unknown engine {name!r}; configured: {', '.join(state.engines)}")
+
+
+class SSEStream:
+    """An ASGI response that runs a job and streams its events through a translator.
+
+    The pipeline, the keepalive and sse-starlette's writer share one task group that lives exactly
+    as long as the response: when the client leaves, sse-starlette returns and the group is
+    cancelled, which closes the engine session.
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        translator: Translator,
+        *,
+        keepalive: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.job = job
+        self.translator = translator
+        self.keepalive = keepalive
+        self.headers = {**SSE_HEADERS, **(headers or {})}
+
+    async def _frames(self, outbox: Outbox) -> AsyncIterator[bytes]:
+        async for event in outbox:
+            frame = (
+                self.translator.keepalive_frame
+                if event is KEEPALIVE
+                else self.translator.encode(event)  # type: ignore[arg-type]
+            )
+            if frame:
+                yield frame
+                outbox.mark_sent()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outbox = Outbox()
+        response = EventSourceResponse(self._frames(outbox), ping=0, headers=self.headers)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_job, self.job, outbox)
+                if self.keepalive > 0:
+                    tg.start_soon(keepalive, outbox, self.keepalive)
+                await response(scope, receive, send)
+                tg.cancel_scope.cancel()
+        finally:
+            await self.job.aclose()
+
+
+async def run_to_end(job: Job, receive: Receive) -> Done | Failed | None:
+    """Run a job to its final event; ``None`` if the client left first (the job is cancelled)."""
+    outbox = Outbox()
+    result: Done | Failed | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                while True:
+                    message: Message = await receive()
+                    if message["type"] == "http.disconnect":
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch_disconnect)
+            await run_job(job, outbox)
+            result = outbox.final
+            tg.cancel_scope.cancel()
+    finally:
+        await job.aclose()
+    return result

@@ -1,0 +1,203 @@
+"""The native API, v1: ``/v1/transcriptions`` (SSE stream, blocking JSON, stored transcripts)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .. import exports
+from ..errors import GatewayError, InvalidOption, NotFound
+from ..events import Done, Failed, Progress, Queued, Segment, StreamEvent, Transcript
+from .common import SSEStream, check_engine, option, parse_bool, prepare_job, receive, run_to_end
+
+if TYPE_CHECKING:
+    from ..app import GatewayState
+
+__all__ = ["NativeTranslator", "error_response", "routes"]
+
+
+class _Snapshot(msgspec.Struct):
+    id: str
+    segments: tuple[Segment, ...]
+    text: str
+    current_time: float
+    total_time: float | None
+
+
+class _Final(_Snapshot):
+    cached: bool
+
+
+class _StoredView(_Snapshot):
+    engine: str
+    language: str
+    created_at: float
+    corrected: bool
+
+
+class _Error(msgspec.Struct):
+    code: str
+    detail: str
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _Error
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _snapshot(t: Transcript) -> _Snapshot:
+    return _Snapshot(t.id, t.segments, t.text, t.current_time, t.total_time)
+
+
+def _final(done: Done) -> _Final:
+    t = done.transcript
+    return _Final(t.id, t.segments, t.text, t.current_time, t.total_time, done.cached)
+
+
+class NativeTranslator:
+    """Typed events to ``event: <type>`` / ``data: <json>`` frames."""
+
+    keepalive_frame = b": keepalive\r\n\r\n"
+
+    @staticmethod
+    def _frame(name: bytes, payload: object) -> bytes:
+        return b"event: " + name + b"\r\ndata: " + _encoder.encode(payload) + b"\r\n\r\n"
+
+    def encode(self, event: StreamEvent) -> bytes | None:
+        if isinstance(event, Progress):
+            return self._frame(b"transcription", _snapshot(event.transcript))
+        if isinstance(event, Done):
+            return self._frame(b"done", _final(event))
+        if isinstance(event, Failed):
+            return self._frame(b"error", _Error(event.code, event.detail))
+        if isinstance(event, Queued):
+            return self._frame(b"queued", {"position": event.position})
+        return None
+
+
+def error_response(exc: GatewayError) -> Response:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return Response(
+        _encoder.encode(_ErrorBody(_Error(exc.code, exc.detail))),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+async def _job(request: Request) -> tuple[GatewayState, object]:
+    state = _state(request)
+    check_engine(state, request.query_params.get("engine", ""))
+    upload = await receive(request, state)
+    try:
+        engine = option(request, upload, "engine") or state.config.server.default_engine
+        check_engine(state, engine)
+        use_cache = parse_bool("use_cache", option(request, upload, "use_cache"), True)
+    except BaseException:
+        await upload.aclose()
+        raise
+    job = await prepare_job(
+        state,
+        upload,
+        engine_name=engine,
+        language=option(request, upload, "language"),
+        use_cache=use_cache,
+    )
+    return state, job
+
+
+class _Endpoint:
+    """A plain ASGI endpoint that turns a pre-stream GatewayError into the JSON error shape."""
+
+    def __init__(self, streaming: bool) -> None:
+        self.streaming = streaming
+
+    async def __call__(self, scope: Scope, receive_: Receive, send: Send) -> None:
+        request = Request(scope, receive_)
+        try:
+            state, job = await _job(request)
+        except GatewayError as exc:
+            await error_response(exc)(scope, receive_, send)
+            return
+        if self.streaming:
+            stream = SSEStream(job, NativeTranslator(), keepalive=state.config.server.keepalive)  # type: ignore[arg-type]
+            await stream(scope, receive_, send)
+            return
+        result = await run_to_end(job, receive_)  # type: ignore[arg-type]
+        if result is None:
+            return  # the client left; nobody to answer
+        if isinstance(result, Failed):
+            exc = GatewayError(result.detail)
+            exc.code, exc.status = result.code, _STATUS.get(result.code, 502)
+            await error_response(exc)(scope, receive_, send)
+            return
+        await Response(_encoder.encode(_final(result)), media_type="application/json")(
+            scope, receive_, send
+        )
+
+
+_STATUS = {
+    "DECODE_ERROR": 422,
+    "UPSTREAM_UNAVAILABLE": 503,
+    "UPSTREAM_ERROR": 502,
+    "TIMEOUT": 504,
+    "CAPACITY_TIMEOUT": 503,
+    "SHUTTING_DOWN": 503,
+    "INTERNAL_ERROR": 500,
+    "STORE_ERROR": 500,
+}
+
+
+async def get_transcript(request: Request) -> Response:
+    state = _state(request)
+    fmt = request.query_params.get("format", "json")
+    try:
+        if fmt not in exports.FORMATS:
+            raise InvalidOption(f"format must be one of {', '.join(exports.FORMATS)}")
+        stored = await state.store.get(request.path_params["id"])
+        if stored is None:
+            raise NotFound("no transcript with this id")
+    except GatewayError as exc:
+        return error_response(exc)
+    segments = stored.corrected if stored.corrected is not None else stored.segments
+    if fmt == "txt":
+        return Response(exports.txt(segments), media_type="text/plain; charset=utf-8")
+    if fmt == "srt":
+        return Response(exports.srt(segments), media_type="application/x-subrip; charset=utf-8")
+    if fmt == "vtt":
+        return Response(exports.vtt(segments), media_type="text/vtt; charset=utf-8")
+    t = stored.transcript()
+    view = _StoredView(
+        t.id,
+        segments,
+        " ".join(s.text.strip() for s in segments if s.text.strip()),
+        t.current_time,
+        t.total_time,
+        stored.engine,
+        stored.language,
+        stored.created_at,
+        stored.corrected is not None,
+    )
+    return Response(_encoder.encode(view), media_type="application/json")
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/v1/transcriptions/stream", _Endpoint(streaming=True), methods=["POST"]),
+        Route("/v1/transcriptions", _Endpoint(streaming=False), methods=["POST"]),
+        Route("/v1/transcriptions/{id}", get_transcript, methods=["GET"]),
+    ]

@@ -1,0 +1,96 @@
+"""The Starlette application: front API routes, health, readiness and metrics, and the lifespan
+that opens the store and the engines and closes them again."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import metrics
+from .api import native
+from .config import Config
+from .engines import Engine, build_engine
+from .errors import UnknownEngine
+from .store import Store, open_store
+
+__all__ = ["GatewayState", "create_app"]
+
+log = logging.getLogger("gateway")
+_json = msgspec.json.Encoder()
+
+
+@dataclass(eq=False)
+class GatewayState:
+    config: Config
+    store: Store
+    engines: dict[str, Engine] = field(default_factory=dict)
+
+    def engine(self, name: str) -> Engine:
+        try:
+            return self.engines[name or self.config.server.default_engine]
+        except KeyError:
+            raise UnknownEngine(f"unknown engine {name!r}") from None
+
+
+async def healthz(request: Request) -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+async def readyz(request: Request) -> Response:
+    state: GatewayState | None = getattr(request.app.state, "gateway", None)
+    reasons: list[str] = []
+    engines: dict[str, object] = {}
+    if state is None:
+        reasons.append("starting")
+    else:
+        if (reason := await state.store.check_writable()) is not None:
+            reasons.append(reason)
+        for name, engine in state.engines.items():
+            engines[name] = engine.stats()
+        default = state.engines[state.config.server.default_engine]
+        if (reason := await default.readiness()) is not None:
+            reasons.append(f"engine {default.name}: {reason}")
+    body = {"status": "ready" if not reasons else "unready", "reasons": reasons, "engines": engines}
+    return Response(_json.encode(body), status_code=503 if reasons else 200, media_type="application/json")
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(config: Config) -> Starlette:
+    """Build the ASGI app; the store and engines open in its lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            store = await stack.enter_async_context(open_store(config.store.path))
+            state = GatewayState(config, store)
+            for name, engine_config in config.engines.items():
+                engine = build_engine(name, engine_config)
+                stack.push_async_callback(engine.aclose)
+                state.engines[name] = engine
+            collector = metrics.EngineStatsCollector(lambda: state.engines.values())
+            metrics.REGISTRY.register(collector)
+            stack.callback(metrics.REGISTRY.unregister, collector)
+            app.state.gateway = state
+            log.info("gateway ready: engines %s, store %s", ", ".join(state.engines), config.store.path)
+            yield
+            log.info("gateway stopping")
+
+    routes = [
+        *native.routes(),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,292 @@
+"""One transcription request, end to end, as one task group.
+
+::
+
+    spool file ─► decoder ─(pcm channel)─► sender ─► engine session ─► receiver ─► Outbox ─► SSE writer
+    (thread steps)          bounded          send_audio()              results()    conflating
+
+The decoder and the sender are connected by a bounded memory object stream, so the decoder only
+runs ahead of the engine by :data:`PCM_CHANNEL_CAPACITY` chunks. The receiver never waits for the
+client: it hands each snapshot to an :class:`Outbox`, which keeps only the latest one, so a slow
+SSE reader gets the newest transcript while the engine keeps being read. The first task to fail
+cancels the rest; a client that leaves cancels the whole group, which closes the engine session.
+
+Only a complete transcript (the engine's final update after all audio was sent) is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from . import metrics
+from .audio import PcmDecoder, Upload
+from .engines.base import PCM_BYTES_PER_SECOND, Engine, Session, SessionOptions
+from .errors import GatewayError, UpstreamError, collapse_groups
+from .events import Done, EngineUpdate, Failed, Progress, Queued, StreamEvent, Transcript
+from .store import Store
+
+__all__ = [
+    "CHUNK_BYTES",
+    "PCM_CHANNEL_CAPACITY",
+    "Job",
+    "Outbox",
+    "keepalive",
+    "run_job",
+]
+
+log = logging.getLogger("gateway.pipeline")
+
+# The engine gets PCM in 200 ms chunks (6,400 bytes): inside WhisperLiveKit's 100-500 ms band.
+CHUNK_BYTES = PCM_BYTES_PER_SECOND // 5
+# Chunks decoded ahead of the engine: 8 x 6.4 KB = 51 KiB of PCM per stream, whatever the file.
+PCM_CHANNEL_CAPACITY = 8
+# One decoder step on a worker thread produces at most 1 s of audio, so cancellation waits < 1 step.
+DECODE_STEP_BYTES = PCM_BYTES_PER_SECOND
+# Encoded-mode engines get the original upload in pieces of this size.
+RAW_CHUNK_BYTES = 16 * 1024
+
+
+class _Keepalive:
+    pass
+
+
+KEEPALIVE = _Keepalive()
+
+
+class Outbox:
+    """The conflating channel from the pipeline to the SSE writer.
+
+    It holds at most one pending queue position, one pending snapshot and one terminal event, so a
+    client that reads slowly costs one snapshot of memory and receives the newest state. ``put``
+    never blocks. The terminal event (``Done``/``Failed``) is delivered last and only once.
+    """
+
+    def __init__(self) -> None:
+        self._queued: Queued | None = None
+        self._progress: Progress | None = None
+        self._final: Done | Failed | None = None
+        self._keepalive = False
+        self._wakeup = anyio.Event()
+        self._sent = anyio.Event()
+        self.last_sent = anyio.current_time()
+        self.finished = False
+
+    def put(self, event: StreamEvent) -> None:
+        if self._final is not None:
+            return
+        if isinstance(event, Queued):
+            self._queued = event
+        elif isinstance(event, Progress):
+            self._queued = None
+            self._progress = event
+        else:
+            self._final = event
+        self._wakeup.set()
+
+    def request_keepalive(self) -> None:
+        self._keepalive = True
+        self._wakeup.set()
+
+    @property
+    def final(self) -> Done | Failed | None:
+        return self._final
+
+    def mark_sent(self) -> None:
+        self.last_sent = anyio.current_time()
+        self._sent.set()
+        self._sent = anyio.Event()
+
+    async def wait_sent(self) -> None:
+        await self._sent.wait()
+
+    async def get(self) -> StreamEvent | _Keepalive:
+        while True:
+            if self._queued is not None:
+                event: StreamEvent = self._queued
+                self._queued = None
+                return event
+            if self._progress is not None and not isinstance(self._final, Failed):
+                event, self._progress = self._progress, None
+                return event
+            if self._final is not None:
+                self.finished = True
+                return self._final
+            if self._keepalive:
+                self._keepalive = False
+                return KEEPALIVE
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+
+    async def __aiter__(self) -> AsyncIterator[StreamEvent | _Keepalive]:
+        while not self.finished:
+            yield await self.get()
+
+
+async def keepalive(outbox: Outbox, interval: float) -> None:
+    """Ask for a keepalive comment whenever ``interval`` seconds pass with nothing sent."""
+    while True:
+        await anyio.sleep_until(outbox.last_sent + interval)
+        if anyio.current_time() >= outbox.last_sent + interval:
+            outbox.request_keepalive()
+            await outbox.wait_sent()
+
+
+@dataclass(eq=False, kw_only=True)
+class Job:
+    """Everything one transcription needs, settled before the stream starts."""
+
+    upload: Upload
+    decoder: PcmDecoder
+    engine: Engine
+    store: Store
+    language: str = ""
+    use_cache: bool = True
+    tenant: str = ""
+    total_time: float | None = None
+    started_at: float = field(default_factory=anyio.current_time)
+    on_outcome: Callable[[str], None] | None = None
+
+    def snapshot(self, update: EngineUpdate) -> Transcript:
+        segments = update.committed + update.tentative
+        current = update.processed
+        if self.total_time is not None:
+            current = min(current, self.total_time)
+        return Transcript(
+            id=self.upload.id,
+            segments=segments,
+            committed=len(update.committed),
+            current_time=round(current, 3),
+            total_time=self.total_time,
+            words=update.words,
+            engine=self.engine.name,
+            language=self.language,
+        )
+
+    async def aclose(self) -> None:
+        """Release the decoder and the spool file. Idempotent; safe when cancelled."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.decoder.close)
+            await self.upload.aclose()
+
+
+async def _decode_pcm(job: Job, out: anyio.abc.ObjectSendStream[bytes]) -> None:
+    async with out:
+        while True:
+            pcm = await anyio.to_thread.run_sync(job.decoder.read, DECODE_STEP_BYTES)
+            if not pcm:
+                return
+            for i in range(0, len(pcm), CHUNK_BYTES):
+                await out.send(pcm[i : i + CHUNK_BYTES])
+
+
+async def _read_raw(job: Job, out: anyio.abc.ObjectSendStream[bytes]) -> None:
+    async with out, await anyio.open_file(job.upload.path, "rb") as f:
+        while chunk := await f.read(RAW_CHUNK_BYTES):
+            await out.send(chunk)
+
+
+async def _send(session: Session, source: anyio.abc.ObjectReceiveStream[bytes], state: _RunState) -> None:
+    async with source:
+        async for chunk in source:
+            await session.send_audio(chunk)
+    # Set first: the final update may end the receiver, and the group, before end_audio returns.
+    state.audio_ended = True
+    await session.end_audio()
+
+
+@dataclass
+class _RunState:
+    audio_ended: bool = False
+    last: EngineUpdate | None = None
+    first_event_at: float | None = None
+
+
+async def _receive(job: Job, session: Session, outbox: Outbox, state: _RunState) -> None:
+    async for update in session.results():
+        state.last = update
+        if state.first_event_at is None:
+            state.first_event_at = anyio.current_time()
+            metrics.TIME_TO_FIRST_EVENT.labels(job.engine.name).observe(
+                state.first_event_at - job.started_at
+            )
+        outbox.put(Progress(job.snapshot(update)))
+
+
+async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
+    engine = job.engine
+    options = SessionOptions(
+        language=job.language,
+        total_time=job.total_time,
+        content_type=job.upload.content_type,
+        filename=job.upload.filename,
+        on_queued=lambda position: outbox.put(Queued(position)),
+    )
+    state = _RunState()
+    async with engine.open_session(options) as session:
+        opened = anyio.current_time()
+        try:
+            with collapse_groups():
+                async with anyio.create_task_group() as tg:
+                    send, recv = anyio.create_memory_object_stream[bytes](PCM_CHANNEL_CAPACITY)
+                    producer = _read_raw if session.audio_format == "encoded" else _decode_pcm
+                    tg.start_soon(producer, job, send)
+                    tg.start_soon(_send, session, recv, state)
+                    await _receive(job, session, outbox, state)
+                    # The final update has arrived: whatever still runs is no longer needed.
+                    tg.cancel_scope.cancel()
+        finally:
+            metrics.SESSION_DURATION.labels(engine.name).observe(anyio.current_time() - opened)
+    if not state.audio_ended or state.last is None:
+        raise UpstreamError("the engine ended the session before the end of the audio")
+    final = state.last
+    # The final transcript commits everything the engine still shows.
+    return job.snapshot(
+        EngineUpdate(
+            committed=final.committed + final.tentative,
+            processed=job.total_time if job.total_time is not None else final.processed,
+            words=final.words,
+        )
+    )
+
+
+async def run_job(job: Job, outbox: Outbox) -> None:
+    """Run one transcription into ``outbox``; always ends it with exactly one Done or Failed."""
+    engine = job.engine.name
+    metrics.ACTIVE_STREAMS.labels(engine).inc()
+    outcome = "DISCONNECTED"
+    try:
+        if job.use_cache:
+            stored = await job.store.get(job.upload.id, job.tenant)
+            if (
+                stored is not None
+                and stored.text.strip()
+                and stored.engine == engine
+                and stored.language == job.language
+            ):
+                outbox.put(Done(stored.transcript(), cached=True))
+                outcome = "CACHED"
+                return
+        transcript = await _transcribe(job, outbox)
+        await job.store.save(transcript, job.tenant)
+        duration = transcript.total_time or transcript.current_time
+        if math.isfinite(duration):
+            metrics.AUDIO_SECONDS.labels(engine).inc(duration)
+        outbox.put(Done(transcript, cached=False))
+        outcome = "OK"
+    except GatewayError as exc:
+        outcome = exc.code
+        outbox.put(Failed(exc.code, exc.detail))
+    except Exception:
+        log.exception("transcription %s failed", job.upload.id)
+        outcome = "INTERNAL_ERROR"
+        outbox.put(Failed("INTERNAL_ERROR", "internal error"))
+    finally:
+        metrics.ACTIVE_STREAMS.labels(engine).dec()
+        metrics.STREAM_OUTCOMES.labels(engine, outcome).inc()
+        if job.on_outcome is not None:
+            job.on_outcome(outcome)

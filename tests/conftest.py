@@ -1,0 +1,95 @@
+"""Shared test harness: the real gateway under hypercorn on trio, on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import trio
+from hypercorn.trio import serve as hypercorn_serve
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from gateway.app import GatewayState, create_app  # noqa: E402
+from gateway.config import Config  # noqa: E402
+from gateway.server import hypercorn_config  # noqa: E402
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "trio"
+
+
+@dataclass
+class Gateway:
+    url: str
+    app: Any
+
+    @property
+    def state(self) -> GatewayState:
+        state: GatewayState = self.app.state.gateway
+        return state
+
+
+def make_config(tmp_path: Path, **sections: Any) -> Config:
+    data: dict[str, Any] = {
+        "store": {"path": str(tmp_path / "store" / "gateway.sqlite3")},
+        "engines": {"embedded": {"kind": "pocketsphinx", "workers": 2}},
+    }
+    for key, value in sections.items():
+        data[key] = value
+    return msgspec.convert(data, Config)
+
+
+@asynccontextmanager
+async def run_gateway(config: Config) -> AsyncIterator[Gateway]:
+    app = create_app(config)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            lambda task_status: hypercorn_serve(
+                app,
+                hypercorn_config(config, "127.0.0.1:0"),
+                shutdown_trigger=stop.wait,
+                task_status=task_status,
+            )
+        )
+        try:
+            yield Gateway(urls[0], app)
+        finally:
+            stop.set()
+
+
+@dataclass
+class SSE:
+    event: str
+    data: Any  # parsed JSON, or the comment text for event == "comment"
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[SSE]:
+    """Parse a text/event-stream body; comments come out as SSE("comment", text)."""
+    event, data = "message", []
+    async with aclosing(response.aiter_lines()) as lines:
+        async for line in lines:
+            if line == "":
+                if data:
+                    yield SSE(event, json.loads("\n".join(data)))
+                event, data = "message", []
+            elif line.startswith(":"):
+                yield SSE("comment", line[1:].strip())
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].lstrip())
+
+
+async def collect(response: httpx.Response) -> list[SSE]:
+    return [e async for e in sse_events(response)]

@@ -1,0 +1,370 @@
+"""The native API end to end: real hypercorn on loopback, real audio, HTTP/1.1 and h2c."""
+
+from __future__ import annotations
+
+import os
+from contextlib import aclosing
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from audio_util import GOFORWARD, LIBRIVOX, SHORT, pcm_of, write_wav
+from conftest import Gateway, collect, make_config, run_gateway, sse_events
+
+from gateway.engines.scripted import ScriptedEngine
+
+pytestmark = pytest.mark.anyio
+
+STREAM = "/v1/transcriptions/stream"
+
+
+def scripted(**kw: object) -> dict[str, object]:
+    return {"kind": "scripted", **kw}
+
+
+def engines(**extra: dict[str, object]) -> dict[str, object]:
+    return {"embedded": {"kind": "pocketsphinx", "workers": 2}, **extra}
+
+
+def upload(path: Path) -> dict[str, tuple[str, bytes, str]]:
+    return {"file": (path.name, path.read_bytes(), "audio/wav")}
+
+
+async def test_stream_embedded_engine_live_then_done(tmp_path: Path) -> None:
+    with trio.fail_after(120):
+        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            async with c.stream("POST", STREAM, files=upload(LIBRIVOX)) as r:
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("text/event-stream")
+                assert r.headers["cache-control"] == "no-cache"
+                assert r.headers["x-accel-buffering"] == "no"
+                events = await collect(r)
+    kinds = [e.event for e in events]
+    assert kinds[-1] == "done" and kinds.count("done") == 1 and "error" not in kinds
+    snapshots = [e.data for e in events if e.event == "transcription"]
+    # At least one partial per ~second of a 24.7 s file, with progress that only grows.
+    assert len(snapshots) >= 15
+    times = [s["current_time"] for s in snapshots]
+    assert times == sorted(times)
+    assert all(s["total_time"] == pytest.approx(24.73, abs=0.01) for s in snapshots)
+    done = events[-1].data
+    assert done["cached"] is False
+    assert set(done) == {"id", "segments", "text", "current_time", "total_time", "cached"}
+    for word in ("consider", "respectable", "amiable", "selfish"):
+        assert word in done["text"]
+    assert done["text"] == " ".join(s["text"] for s in done["segments"])
+    starts = [s["start"] for s in done["segments"]]
+    assert starts == sorted(starts) and all(s["end"] > s["start"] for s in done["segments"])
+
+
+async def test_cache_hit_is_a_single_done_and_restart_keeps_it(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            first = (await c.post("/v1/transcriptions", files=upload(GOFORWARD))).json()
+            assert first["cached"] is False and "forward" in first["text"]
+            async with c.stream("POST", STREAM, files=upload(GOFORWARD)) as r:
+                events = await collect(r)
+            assert [e.event for e in events] == ["done"]
+            assert events[0].data["cached"] is True
+            assert events[0].data["text"] == first["text"]
+            # use_cache=false transcribes again.
+            async with c.stream("POST", STREAM, params={"use_cache": "false"}, files=upload(GOFORWARD)) as r:
+                again = await collect(r)
+            assert again[-1].data["cached"] is False and len(again) > 1
+        # A new process on the same database still has it.
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            stored = await c.get(f"/v1/transcriptions/{first['id']}")
+            assert stored.status_code == 200 and stored.json()["text"] == first["text"]
+            r2 = await c.post("/v1/transcriptions", files=upload(GOFORWARD))
+            assert r2.json()["cached"] is True
+
+
+async def test_stored_transcript_formats_and_unknown_id(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            done = (await c.post("/v1/transcriptions", files=upload(GOFORWARD))).json()
+            base = f"/v1/transcriptions/{done['id']}"
+            j = (await c.get(base)).json()
+            assert j["segments"] == done["segments"] and j["corrected"] is False
+            txt = await c.get(base, params={"format": "txt"})
+            assert txt.text.strip() == done["text"]
+            srt = (await c.get(base, params={"format": "srt"})).text
+            assert srt.startswith("1\n00:00:0") and " --> " in srt
+            vtt = (await c.get(base, params={"format": "vtt"})).text
+            assert vtt.startswith("WEBVTT\n\n1\n00:00:0")
+            bad = await c.get(base, params={"format": "doc"})
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "INVALID_OPTION"
+            missing = await c.get("/v1/transcriptions/" + "0" * 32)
+            assert missing.status_code == 404
+            assert missing.json()["error"]["code"] == "NOT_FOUND"
+
+
+async def test_raw_body_upload_and_the_same_bytes_give_the_same_id(tmp_path: Path) -> None:
+    config = make_config(tmp_path, engines=engines(fake=scripted(words=["a", "b", "c"])))
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            body = GOFORWARD.read_bytes()
+            raw = await c.post(
+                "/v1/transcriptions",
+                params={"engine": "fake"},
+                content=body,
+                headers={"content-type": "audio/wav"},
+            )
+            octet = await c.post(
+                "/v1/transcriptions",
+                params={"engine": "fake", "use_cache": "false"},
+                content=body,
+                headers={"content-type": "application/octet-stream"},
+            )
+            form = await c.post(
+                "/v1/transcriptions", data={"engine": "fake"}, files=upload(GOFORWARD)
+            )
+    assert raw.status_code == octet.status_code == form.status_code == 200
+    assert raw.json()["id"] == octet.json()["id"] == form.json()["id"]
+    assert raw.json()["text"] == "a b c"
+    assert form.json()["cached"] is True
+
+
+@pytest.mark.parametrize(
+    ("files", "content", "ctype", "status", "code"),
+    [
+        ({"file": ("empty.wav", b"", "audio/wav")}, None, None, 400, "EMPTY_FILE"),
+        ({"other": ("x.wav", b"RIFF", "audio/wav")}, None, None, 400, "MISSING_FILE"),
+        ({"file": ("noise.wav", os.urandom(20000), "audio/wav")}, None, None, 415, "DECODE_ERROR"),
+        ({"file": ("t.wav", GOFORWARD.read_bytes()[:30], "audio/wav")}, None, None, 415, "DECODE_ERROR"),
+        (None, b"", "audio/wav", 400, "EMPTY_FILE"),
+        (None, b"hello", "text/plain", 415, "UNSUPPORTED_MEDIA_TYPE"),
+    ],
+    ids=["empty", "missing-field", "garbage", "truncated-wav", "empty-raw", "text-body"],
+)
+async def test_bad_input_is_a_json_error_before_the_stream(
+    tmp_path: Path,
+    files: dict[str, tuple[str, bytes, str]] | None,
+    content: bytes | None,
+    ctype: str | None,
+    status: int,
+    code: str,
+) -> None:
+    with trio.fail_after(30):
+        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            headers = {"content-type": ctype} if ctype else {}
+            for path in (STREAM, "/v1/transcriptions"):
+                r = await c.post(path, files=files, content=content, headers=headers)
+                assert r.status_code == status, r.text
+                assert r.headers["content-type"] == "application/json"
+                assert r.json()["error"]["code"] == code
+                assert r.json()["error"]["detail"]
+
+
+async def test_unknown_engine_is_404(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            q = await c.post(STREAM, params={"engine": "nope"}, files=upload(GOFORWARD))
+            f = await c.post(STREAM, data={"engine": "nope"}, files=upload(GOFORWARD))
+    for r in (q, f):
+        assert r.status_code == 404 and r.json()["error"]["code"] == "UNKNOWN_ENGINE"
+
+
+# httpx's client leaves its request-body generator unfinished when the server answers early.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_oversize_upload_is_413_while_receiving(tmp_path: Path) -> None:
+    limit = 50_000
+    config = make_config(tmp_path, server={"max_upload_bytes": limit})
+    sent = 0
+
+    async def body() -> object:
+        nonlocal sent
+        for _ in range(6):
+            sent += 10_000
+            yield b"\0" * 10_000
+
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            declared = await c.post(STREAM, files=upload(LIBRIVOX))
+            assert declared.status_code == 413
+            assert declared.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+            # No Content-Length: chunked, so only counting while receiving can catch it.
+            chunked = await c.post(STREAM, content=body(), headers={"content-type": "audio/wav"})
+            assert chunked.status_code == 413
+            assert chunked.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert sent == 60_000
+
+
+async def test_engine_failure_mid_stream_is_one_error_event_and_nothing_stored(tmp_path: Path) -> None:
+    config = make_config(tmp_path, engines=engines(bad=scripted(words=["x"] * 10, seconds_per_word=0.25, fail_after=3)))
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            async with c.stream("POST", STREAM, params={"engine": "bad"}, files=upload(GOFORWARD)) as r:
+                assert r.status_code == 200
+                events = await collect(r)
+            kinds = [e.event for e in events]
+            assert kinds.count("error") == 1 and kinds[-1] == "error" and "done" not in kinds
+            assert events[-1].data == {"code": "UPSTREAM_ERROR", "detail": "scripted failure"}
+            assert [e.event for e in events[:-1]] == ["transcription"] * (len(events) - 1)
+            blocking = await c.post("/v1/transcriptions", params={"engine": "bad"}, files=upload(GOFORWARD))
+            assert blocking.status_code == 502
+            assert blocking.json()["error"]["code"] == "UPSTREAM_ERROR"
+            transcript_id = (await c.post("/v1/transcriptions", files=upload(GOFORWARD))).json()["id"]
+            # Now stored under the embedded engine; the failed runs left nothing behind before it.
+            assert (await c.get(f"/v1/transcriptions/{transcript_id}")).json()["engine"] == "embedded"
+
+
+async def test_decode_error_after_the_stream_started(tmp_path: Path) -> None:
+    # A valid start followed by garbage: the probe passes, decoding fails mid-stream.
+    good = GOFORWARD.read_bytes()
+    broken = tmp_path / "broken.mp3"
+    from audio_util import transcode
+
+    mp3 = transcode(LIBRIVOX, tmp_path / "l.mp3", "mp3").read_bytes()
+    broken.write_bytes(mp3[: len(mp3) // 3] + os.urandom(len(mp3)))
+    config = make_config(tmp_path, engines=engines(fake=scripted(words=["w"] * 100, seconds_per_word=0.5)))
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            async with c.stream("POST", STREAM, params={"engine": "fake"}, files=upload(broken)) as r:
+                assert r.status_code == 200
+                events = await collect(r)
+    assert good
+    # mp3 decoders resynchronise on garbage, so the outcome is either a clean end or DECODE_ERROR;
+    # either way the stream ends with exactly one terminal event.
+    terminal = [e for e in events if e.event in ("done", "error")]
+    assert len(terminal) == 1 and terminal[0] is events[-1]
+    if terminal[0].event == "error":
+        assert terminal[0].data["code"] == "DECODE_ERROR"
+
+
+async def test_disconnect_mid_stream_closes_the_session_and_stores_nothing(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path, engines=engines(slow=scripted(words=["w"] * 20, seconds_per_word=0.1, delay=0.05))
+    )
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            engine = gw.state.engines["slow"]
+            assert isinstance(engine, ScriptedEngine)
+            async with (
+                c.stream("POST", STREAM, params={"engine": "slow"}, files=upload(GOFORWARD)) as r,
+                aclosing(sse_events(r)) as events,
+            ):
+                first = await anext(events)
+                assert first.event == "transcription"
+                transcript_id = first.data["id"]
+                assert engine.active == 1
+            # The client has gone: the engine session must close promptly.
+            with trio.fail_after(1):
+                await engine.wait_closed(1)
+            assert engine.active == 0
+            missing = await c.get(f"/v1/transcriptions/{transcript_id}")
+            assert missing.status_code == 404
+
+
+async def test_slow_reader_gets_conflated_snapshots(tmp_path: Path) -> None:
+    words = [f"w{i}" for i in range(1500)]
+    config = make_config(
+        tmp_path, engines=engines(fast=scripted(words=words, seconds_per_word=24.7 / 1500))
+    )
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            engine = gw.state.engines["fast"]
+            assert isinstance(engine, ScriptedEngine)
+            async with (
+                c.stream("POST", STREAM, params={"engine": "fast"}, files=upload(LIBRIVOX)) as r,
+                aclosing(sse_events(r)) as events,
+            ):
+                first = await anext(events)
+                assert first.event == "transcription"
+                # The reader stops reading; the engine must still be drained to the end.
+                await engine.wait_closed(1)
+                rest = [e async for e in events]
+    snapshots = [e for e in rest if e.event == "transcription"]
+    assert rest[-1].event == "done"
+    assert rest[-1].data["text"] == " ".join(words)
+    # ~1500 updates were produced; a reader that stalled saw only a fraction of them.
+    assert len(snapshots) < 1000
+
+
+async def test_http2_prior_knowledge(tmp_path: Path) -> None:
+    config = make_config(tmp_path, engines=engines(fake=scripted(words=["one", "two", "three"])))
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw, httpx.AsyncClient(
+            base_url=gw.url, http1=False, http2=True
+        ) as c:
+            async with c.stream("POST", STREAM, params={"engine": "fake"}, files=upload(GOFORWARD)) as r:
+                assert r.http_version == "HTTP/2"
+                assert r.status_code == 200
+                events = await collect(r)
+            health = await c.get("/healthz")
+    assert health.http_version == "HTTP/2"
+    assert [e.event for e in events][-1] == "done"
+    assert events[-1].data["text"] == "one two three"
+
+
+async def test_health_ready_and_metrics(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            assert (await c.get("/healthz")).status_code == 200
+            ready = await c.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+            await c.post("/v1/transcriptions", files=upload(SHORT))
+            text = (await c.get("/metrics")).text
+    for name in (
+        "gateway_active_streams",
+        'gateway_stream_outcomes_total{code="OK",engine="embedded"}',
+        "gateway_time_to_first_event_seconds_bucket",
+        "gateway_session_duration_seconds_bucket",
+        'gateway_audio_seconds_total{engine="embedded"}',
+        'gateway_engine_sessions{engine="embedded",upstream=""} 0.0',
+    ):
+        assert name in text
+
+
+async def test_readyz_is_503_when_the_store_is_not_writable(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            store = gw.state.store
+
+            def lock(conn: object) -> None:
+                conn.execute("BEGIN IMMEDIATE")  # type: ignore[attr-defined]
+
+            await store._call(lock)
+            ready = await c.get("/readyz")
+            await store._call(lambda conn: conn.execute("ROLLBACK"))  # type: ignore[attr-defined]
+            again = await c.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["reasons"]
+    assert again.status_code == 200
+
+
+async def test_queued_positions_when_sessions_are_busy(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        engines=engines(one=scripted(words=["a", "b", "c"], delay=0.05, max_sessions=1, max_queue=2)),
+    )
+    files = [write_wav(tmp_path / f"s{i}.wav", pcm_of(GOFORWARD) + bytes(2 * i)) for i in range(4)]
+    results: dict[int, list[str]] = {}
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+
+            async def one(i: int, started: trio.Event) -> None:
+                async with c.stream("POST", STREAM, params={"engine": "one"}, files=upload(files[i])) as r:
+                    kinds = []
+                    async with aclosing(sse_events(r)) as events:
+                        async for e in events:
+                            kinds.append(e.event if e.event != "queued" else f"queued:{e.data['position']}")
+                            started.set()
+                    results[i] = kinds
+
+            async with trio.open_nursery() as n:
+                for i in range(3):
+                    started = trio.Event()
+                    n.start_soon(one, i, started)
+                    await started.wait()
+                # One running, two queued: the queue is full, so the next is refused up front.
+                full = await c.post(STREAM, params={"engine": "one"}, files=upload(files[3]))
+                assert full.status_code == 503
+                assert full.json()["error"]["code"] == "CAPACITY_EXHAUSTED"
+                assert int(full.headers["retry-after"]) >= 1
+    assert not any(k.startswith("queued") for k in results[0])
+    assert results[1][0] == "queued:1"
+    assert results[2][:2] == ["queued:2", "queued:1"]
+    for kinds in results.values():
+        assert kinds[-1] == "done"
