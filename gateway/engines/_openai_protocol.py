@@ -114,12 +114,16 @@ class SessionUpdate(Struct, frozen=True, tag="session.update", tag_field="type")
     session: TranscriptionSession
 
 
-class InputAudioBufferAppend(Struct, frozen=True, tag="input_audio_buffer.append", tag_field="type"):
+class InputAudioBufferAppend(
+    Struct, frozen=True, tag="input_audio_buffer.append", tag_field="type"
+):
     # Raw PCM16; msgspec encodes bytes as base64, which is what the field carries on the wire.
     audio: bytes
 
 
-class InputAudioBufferCommit(Struct, frozen=True, tag="input_audio_buffer.commit", tag_field="type"):
+class InputAudioBufferCommit(
+    Struct, frozen=True, tag="input_audio_buffer.commit", tag_field="type"
+):
     pass
 
 
@@ -190,55 +194,59 @@ class _ServerEvent(Struct, frozen=True, kw_only=True, tag_field="type"):
     event_id: str = ""
 
 
-class SessionCreated(_ServerEvent, tag="session.created"):
+class SessionCreated(_ServerEvent, frozen=True, tag="session.created"):
     pass
 
 
-class SessionUpdated(_ServerEvent, tag="session.updated"):
+class SessionUpdated(_ServerEvent, frozen=True, tag="session.updated"):
     pass
 
 
-class SpeechStarted(_ServerEvent, tag="input_audio_buffer.speech_started"):
+class SpeechStarted(_ServerEvent, frozen=True, tag="input_audio_buffer.speech_started"):
     item_id: str
     # Offset into all audio written to this upstream session, prefix padding included.
     audio_start_ms: int = 0
 
 
-class SpeechStopped(_ServerEvent, tag="input_audio_buffer.speech_stopped"):
+class SpeechStopped(_ServerEvent, frozen=True, tag="input_audio_buffer.speech_stopped"):
     item_id: str
     audio_end_ms: int = 0
 
 
-class Committed(_ServerEvent, tag="input_audio_buffer.committed"):
+class Committed(_ServerEvent, frozen=True, tag="input_audio_buffer.committed"):
     item_id: str
     previous_item_id: str | None = None
 
 
-class Cleared(_ServerEvent, tag="input_audio_buffer.cleared"):
+class Cleared(_ServerEvent, frozen=True, tag="input_audio_buffer.cleared"):
     pass
 
 
-class TranscriptionDelta(_ServerEvent, tag="conversation.item.input_audio_transcription.delta"):
+class TranscriptionDelta(
+    _ServerEvent, frozen=True, tag="conversation.item.input_audio_transcription.delta"
+):
     item_id: str
     delta: str = ""
     content_index: int = 0
 
 
 class TranscriptionCompleted(
-    _ServerEvent, tag="conversation.item.input_audio_transcription.completed"
+    _ServerEvent, frozen=True, tag="conversation.item.input_audio_transcription.completed"
 ):
     item_id: str
     transcript: str = ""
     content_index: int = 0
 
 
-class TranscriptionFailed(_ServerEvent, tag="conversation.item.input_audio_transcription.failed"):
+class TranscriptionFailed(
+    _ServerEvent, frozen=True, tag="conversation.item.input_audio_transcription.failed"
+):
     item_id: str
     error: ErrorInfo = ErrorInfo()
     content_index: int = 0
 
 
-class ErrorEvent(_ServerEvent, tag="error"):
+class ErrorEvent(_ServerEvent, frozen=True, tag="error"):
     error: ErrorInfo = ErrorInfo()
 
 

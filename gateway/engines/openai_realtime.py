@@ -1,0 +1,1266 @@
+"""OpenAI Realtime transcription (GA WebSocket protocol) as an engine, losing nothing on reconnect.
+
+One gateway session is one :class:`RealtimeClient`: a logical audio stream carried over a
+sequence of upstream WebSocket connections, each of which is a fresh upstream session.
+
+Two lanes
+    A connection has a *control lane* (only ``session.update``) and shares the client's single
+    FIFO *data lane* (appends and commits, in the order they were requested). One sender task
+    drains them with strict priority: control first, then data, and data only once the
+    connection is ready (``session.updated``). A commit is a barrier at its place in the FIFO,
+    never a priority: it covers exactly the audio appended before it and none appended after.
+    (TEN's client gave commits a lower priority than appends, so a commit slid past audio
+    appended later.) Liveness uses WebSocket pings from a separate task, so a heartbeat never
+    waits behind queued audio; at most behind the one frame being written.
+
+Before ready
+    Nothing is sent before ``session.updated``; appends wait in the data lane, bounded by
+    ``buffer_bytes`` of raw PCM (not base64). Past the cap the oldest whole chunks are dropped
+    and counted, with one rate-limited warning and a metric. Commits requested while not ready
+    coalesce into one, placed at the latest request. A commit with less than 100 ms of audio
+    behind it is never sent, and ``input_audio_buffer_commit_empty`` is benign.
+
+Replay policy
+    Every data-lane entry written to a connection moves into that connection's *ledger*. An
+    entry leaves the ledger once it is covered: its audio ends at or before the end of the last
+    item of the assembler's stable prefix, that is, a committed item whose transcript completed
+    and all before it too. When a connection is lost, its ledger (sent but not covered) goes back
+    to the head of the data lane, ahead of audio never sent, and is sent again in order, like any
+    other data, once the *new* connection is ready: never before ``session.updated``. Each entry
+    lives in exactly one place (lane or one connection's ledger), so nothing is sent twice to
+    the same upstream session, and because the items of the lost session that had not completed
+    are discarded with it, no audio is transcribed twice either. The frame being written when
+    the connection failed is already in the ledger and is replayed too. Replayed bytes are
+    counted (``gateway_openai_replayed_bytes``). A new gateway session is a new client: it never
+    sees another session's audio.
+
+Reconnect
+    Closes 1000 (unexpected), 1001, 1005, 1006, 1011, 1012, 1013 and 1015, handshake failures,
+    HTTP 408/429/5xx rejections, a missing pong, no ``session.updated`` within
+    ``connect_timeout``, an ``error`` before ready other than ``invalid_request_error``, and
+    ``session_expired`` are retried with exponential backoff and jitter. The attempt counter
+    resets only on ``session.updated``: a server that accepts the socket and then drops it
+    still exhausts ``max_attempts`` (TEN reset on TCP connect and retried forever). HTTP
+    401/403, closes 4000 (beta shape) and 1008 (policy) and any other close code are terminal.
+
+Errors
+    After ready, an ``error`` event (except commit_empty) or a failed item ends the session with
+    ``UpstreamError``; the failed item first resolves to an empty final. Unknown event types
+    are ignored.
+
+Stop
+    ``aclose`` (the end of ``open_session``, including on cancellation) clears the lane,
+    ledgers, control lane, pending commits and flags at once, lets the frame in flight finish,
+    closes with 1000, and after ``STOP_TIMEOUT`` cancels whatever is left and drops the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import msgspec
+import trio
+from prometheus_client import Counter
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+from ..admission import Admission
+from ..config import OpenAIRealtimeConfig
+from ..errors import GatewayError, Timeout, UpstreamError, UpstreamUnavailable
+from ..events import EngineUpdate
+from ..metrics import REGISTRY
+from ._openai_protocol import (
+    BYTES_PER_MS,
+    BYTES_PER_SECOND,
+    COMMIT_EMPTY,
+    INVALID_REQUEST,
+    MIN_COMMIT_BYTES,
+    SAMPLE_RATE,
+    SESSION_EXPIRED,
+    Committed,
+    ErrorEvent,
+    ErrorInfo,
+    SessionCreated,
+    SessionUpdated,
+    SpeechStopped,
+    TranscriptAssembler,
+    TranscriptionFailed,
+    apply_event,
+    build_session_update,
+    decode_server_event,
+    encode_append,
+    encode_client_event,
+    encode_commit,
+)
+from ._resample import PcmResampler
+from .base import PCM_SAMPLE_RATE, Engine, Session, SessionOptions
+
+__all__ = [
+    "AudioChunk",
+    "CommitMark",
+    "Connector",
+    "DataLane",
+    "OpenAIRealtimeEngine",
+    "RealtimeClient",
+    "backoff_delay",
+    "open_realtime_client",
+]
+
+log = logging.getLogger(__name__)
+
+# Appends waiting for the socket once the connection is ready: beyond this ``append`` blocks,
+# which paces the producer at the upstream's speed. 1 s of 24 kHz PCM16 = 48 KB per session.
+SEND_QUEUE_BYTES: Final = BYTES_PER_SECOND
+# Largest append frame: 0.5 s of raw PCM, about 32 KB once base64-encoded into JSON.
+MAX_APPEND_BYTES: Final = BYTES_PER_SECOND // 2
+# Without server VAD nothing commits but us: commit every 20 s of audio so that items (and the
+# replay ledger, which only shrinks when items complete) stay bounded. 960 KB of PCM.
+MANUAL_COMMIT_BYTES: Final = 20 * BYTES_PER_SECOND
+# How long ``aclose`` lets the frame in flight finish and the close handshake run before it
+# cancels everything and drops the socket (the pipeline wants a cancelled session gone in < 1 s).
+STOP_TIMEOUT: Final = 0.5
+# Bound on a WebSocket close handshake outside ``aclose``.
+CLOSE_TIMEOUT: Final = 2.0
+# Once the final commit is out: how long the upstream gets to complete the outstanding items
+# (restarted after a reconnect; reaching the connection is bounded by the retry settings).
+FINISH_TIMEOUT: Final = 60.0
+# At most one "pre-ready buffer full" warning per engine per this many seconds.
+DROP_WARNING_INTERVAL: Final = 10.0
+# Backoff jitter: each delay is the exponential base times a factor drawn from this range.
+JITTER: Final = (0.5, 1.0)
+# Upstream close codes after which we reconnect (the openai SDK's list, plus 1000 from the
+# server while we still have work: it is how a server drains or ends an expiring session).
+RETRY_CLOSE_CODES: Final = frozenset({1000, 1001, 1005, 1006, 1011, 1012, 1013, 1015})
+
+REPLAYED_BYTES = Counter(
+    "gateway_openai_replayed_bytes",
+    "PCM bytes (24 kHz) sent again to a new upstream session after a reconnect.",
+    ["engine"],
+    registry=REGISTRY,
+)
+DROPPED_CHUNKS = Counter(
+    "gateway_openai_dropped_chunks",
+    "Audio chunks dropped (oldest first) because the pre-ready buffer was full.",
+    ["engine"],
+    registry=REGISTRY,
+)
+DROPPED_BYTES = Counter(
+    "gateway_openai_dropped_bytes",
+    "PCM bytes (24 kHz) dropped because the pre-ready buffer was full.",
+    ["engine"],
+    registry=REGISTRY,
+)
+RECONNECTS = Counter(
+    "gateway_openai_reconnects",
+    "Upstream connection attempts that failed and were retried after a backoff.",
+    ["engine"],
+    registry=REGISTRY,
+)
+
+Connector = Callable[
+    [str, list[tuple[bytes, bytes]], float], AbstractAsyncContextManager[WebSocketConnection]
+]
+"""Opens a WebSocket: ``(url, extra_headers, connect_timeout)``; tests substitute a fake."""
+
+
+@asynccontextmanager
+async def _connect_websocket(
+    url: str, headers: list[tuple[bytes, bytes]], connect_timeout: float
+) -> AsyncIterator[WebSocketConnection]:
+    """``open_websocket_url``, except that we own the TCP stream and always close it.
+
+    trio-websocket 0.12's own connect leaves the socket open when the server rejects the
+    handshake (HTTP 401), which leaks a file descriptor per rejected attempt.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a WebSocket URL: {url!r}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    host = parts.hostname if port in (80, 443) else f"{parts.hostname}:{port}"
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    stream: trio.abc.Stream | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(connect_timeout):
+                    tcp = await trio.open_tcp_stream(parts.hostname, port)
+                    stream = tcp
+                    if secure:
+                        stream = trio.SSLStream(
+                            tcp, ssl.create_default_context(), server_hostname=parts.hostname
+                        )
+                    ws = await wrap_client_stream(
+                        nursery, stream, host, resource, extra_headers=headers
+                    )
+            except trio.TooSlowError:
+                raise ConnectionTimeout from None
+            except OSError as exc:
+                raise HandshakeError(f"{url}: {exc}") from exc
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await ws.aclose()
+    except BaseExceptionGroup as group:
+        # The handshake's failure arrives from trio-websocket's reader task; unwrap it.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """Delay before retry number ``attempt`` (1-based): ``min(initial·2^(n-1), maximum)·jitter``.
+
+    The jitter spreads the reconnects of many sessions that lost the same upstream at once.
+    """
+    base = min(initial * 2.0 ** (attempt - 1), maximum)
+    return base * rng.uniform(*JITTER)
+
+
+# -- the data lane ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class AudioChunk:
+    data: bytes
+    # Where its first byte sits on the stream clock (24 kHz PCM bytes since the stream began).
+    offset: int
+    # Already sent to an earlier upstream session: this is a replay.
+    replay: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class CommitMark:
+    # Requested while not ready: a later pre-ready request replaces it (coalescing).
+    pre_ready: bool = False
+    # The commit ``end()`` asked for.
+    final: bool = False
+
+
+LaneEntry = AudioChunk | CommitMark
+
+
+class DataLane:
+    """The FIFO of appends and commit barriers, bounded to ``cap`` raw PCM bytes when asked.
+
+    ``enforce_cap`` drops the oldest whole audio chunks until the audio fits; commit marks
+    survive the drops. A single chunk larger than the whole cap keeps only its newest ``cap``
+    bytes (sample-aligned). The retained audio is therefore always the newest suffix of what
+    was pushed, never more than ``cap`` bytes.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._entries: deque[LaneEntry] = deque()
+        self.audio_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[LaneEntry]:
+        return iter(self._entries)
+
+    def push_audio(self, chunk: AudioChunk, *, bounded: bool) -> tuple[int, int]:
+        """Append ``chunk``; with ``bounded`` enforce the cap. Returns (dropped chunks, bytes)."""
+        self._entries.append(chunk)
+        self.audio_bytes += len(chunk.data)
+        return self.enforce_cap() if bounded else (0, 0)
+
+    def push_commit(self, mark: CommitMark, *, coalesce: bool) -> None:
+        if coalesce:
+            for entry in [e for e in self._entries if isinstance(e, CommitMark) and e.pre_ready]:
+                mark.final = mark.final or entry.final
+                self._entries.remove(entry)
+        self._entries.append(mark)
+
+    def prepend(self, entries: Iterable[LaneEntry]) -> None:
+        items = list(entries)
+        self._entries.extendleft(reversed(items))
+        self.audio_bytes += sum(len(e.data) for e in items if isinstance(e, AudioChunk))
+
+    def popleft(self) -> LaneEntry | None:
+        if not self._entries:
+            return None
+        entry = self._entries.popleft()
+        if isinstance(entry, AudioChunk):
+            self.audio_bytes -= len(entry.data)
+        return entry
+
+    @property
+    def last(self) -> LaneEntry | None:
+        return self._entries[-1] if self._entries else None
+
+    def enforce_cap(self) -> tuple[int, int]:
+        chunks = nbytes = 0
+        while self.audio_bytes > self.cap:
+            marks: list[LaneEntry] = []
+            while not isinstance(self._entries[0], AudioChunk):
+                marks.append(self._entries.popleft())
+            oldest = self._entries[0]
+            assert isinstance(oldest, AudioChunk)
+            keep = self.cap - self.cap % 2
+            if len(oldest.data) == self.audio_bytes and keep > 0:
+                cut = len(oldest.data) - keep
+                oldest.data = oldest.data[cut:]
+                oldest.offset += cut
+            else:
+                cut = len(oldest.data)
+                self._entries.popleft()
+            self.audio_bytes -= cut
+            chunks += 1
+            nbytes += cut
+            self._entries.extendleft(reversed(marks))
+        return chunks, nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.audio_bytes = 0
+
+
+# -- one upstream connection --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Retry:
+    reason: str
+    # Close code to send, or None to drop the socket (peer unresponsive or already gone).
+    close_code: int | None = None
+
+
+@dataclass(frozen=True)
+class _Fail:
+    error: GatewayError
+
+
+@dataclass(frozen=True)
+class _Done:
+    """Finished or stopped on purpose."""
+
+
+_Outcome = _Retry | _Fail | _Done
+
+
+class _Close:
+    """Sender instruction: close the connection with 1000."""
+
+
+_CLOSE: Final = _Close()
+
+
+class _Signal:
+    """A broadcast wake-up: ``fire`` wakes every current waiter; later ones wait for the next.
+
+    Callers check their condition and then ``wait`` without a checkpoint in between, so in trio
+    no wake-up can be lost.
+    """
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+@dataclass(eq=False)
+class _Connection:
+    ws: WebSocketConnection
+    index: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    outcome: _Outcome | None = None
+    control: deque[str] = field(default_factory=deque)
+    update_sent: bool = False
+    ready: bool = False
+    ready_event: trio.Event = field(default_factory=trio.Event)
+    # True while a frame is being written: if cancelled then, the stream may hold half a frame.
+    in_send: bool = False
+    # Audio bytes appended to this upstream session, and how many of them no commit covers yet.
+    sent: int = 0
+    uncommitted: int = 0
+    # (session offset, entry) for every entry sent and not yet covered: the replay set.
+    ledger: deque[tuple[int, LaneEntry]] = field(default_factory=deque)
+    ledger_bytes: int = 0
+    # (session offset, stream offset) at each discontinuity, to map upstream times to ours.
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    # Session offsets of commits sent and not yet acknowledged.
+    pending_commits: deque[int] = field(default_factory=deque)
+    # Item id -> session offset where its audio ends; items that had speech_stopped.
+    item_end: dict[str, int] = field(default_factory=dict)
+    stopped: set[str] = field(default_factory=set)
+    last_commit_end: int = 0
+
+    def end(self, outcome: _Outcome) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+        self.scope.cancel()
+
+    def stream_offset(self, session_offset: int) -> int:
+        if not self.spans:
+            return session_offset
+        base_session, base_stream = self.spans[0]
+        for s, t in self.spans:
+            if s > session_offset:
+                break
+            base_session, base_stream = s, t
+        return base_stream + session_offset - base_session
+
+    def seconds(self, session_offset: int) -> float:
+        return self.stream_offset(session_offset) / BYTES_PER_SECOND
+
+    def ms_to_seconds(self, ms: int) -> float:
+        return self.seconds(ms * BYTES_PER_MS)
+
+    def record_audio(self, chunk: AudioChunk) -> None:
+        if not self.spans or self.stream_offset(self.sent) != chunk.offset:
+            self.spans.append((self.sent, chunk.offset))
+        self.ledger.append((self.sent, chunk))
+        self.ledger_bytes += len(chunk.data)
+        self.sent += len(chunk.data)
+        self.uncommitted += len(chunk.data)
+
+    def cover(self, upto: int) -> None:
+        """Forget ledger entries whose audio ends at or before session offset ``upto``."""
+        while self.ledger:
+            start, entry = self.ledger[0]
+            if isinstance(entry, CommitMark):
+                if start > upto:
+                    break
+                self.ledger.popleft()
+                continue
+            end = start + len(entry.data)
+            if end <= upto:
+                self.ledger.popleft()
+                self.ledger_bytes -= len(entry.data)
+                continue
+            if start < upto:
+                cut = upto - start
+                entry.data = entry.data[cut:]
+                entry.offset += cut
+                self.ledger[0] = (upto, entry)
+                self.ledger_bytes -= cut
+            break
+
+    def trim_ledger(self, cap: int) -> int:
+        """Keep the replay set within ``cap`` bytes; returns the bytes that can no longer replay."""
+        lost = 0
+        while self.ledger_bytes > cap and self.ledger:
+            _, entry = self.ledger.popleft()
+            if isinstance(entry, AudioChunk):
+                self.ledger_bytes -= len(entry.data)
+                lost += len(entry.data)
+        return lost
+
+
+@dataclass
+class _Totals:
+    """Engine-wide counters shared by its clients (also the drop-warning rate limit)."""
+
+    reconnects: int = 0
+    replayed_bytes: int = 0
+    dropped_chunks: int = 0
+    dropped_bytes: int = 0
+    unreplayable_bytes: int = 0
+    last_drop_warning: float = -math.inf
+
+
+# -- the client ---------------------------------------------------------------------------------
+
+
+class RealtimeClient:
+    """One logical transcription stream over reconnecting upstream sessions (24 kHz PCM16 in).
+
+    Drive it with :meth:`run` in a task (see :func:`open_realtime_client`), feed it with
+    :meth:`append`, :meth:`commit` and :meth:`end`, and read :meth:`updates`. Errors are
+    :class:`~gateway.errors.GatewayError`s raised from ``updates``, ``append`` and ``wait_ready``.
+    """
+
+    def __init__(
+        self,
+        config: OpenAIRealtimeConfig,
+        *,
+        api_key: str,
+        language: str = "",
+        connect: Connector | None = None,
+        engine: str = "openai",
+        rng: random.Random | None = None,
+        totals: _Totals | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self._cfg = config
+        self._headers = [(b"Authorization", b"Bearer " + api_key.encode())]
+        self._update_frame = encode_client_event(build_session_update(config, language=language))
+        self._manual = config.turn_detection == "none"
+        self._connect = connect or _connect_websocket
+        self._label = engine
+        self._rng = rng or random.Random()
+        self._totals = totals or _Totals()
+        self._on_ready = on_ready
+
+        self._lane = DataLane(config.buffer_bytes)
+        self._assembler = TranscriptAssembler()
+        self._conn: _Connection | None = None
+        self._stream_bytes = 0
+        self._processed = 0.0
+        self._attempt = 0
+        self._ended = False
+        self._final_out = False
+        self._finished = False
+        self._closing = False
+        self._hard_stop = False
+        self._started = False
+        self._error: GatewayError | None = None
+
+        self._update = EngineUpdate()
+        self._version = 0
+        self._final_published = False
+
+        self._run_scope = trio.CancelScope(shield=True)
+        self._finish_scope = trio.CancelScope()
+        self._close_scope: trio.CancelScope | None = None
+        self._first_ready = trio.Event()
+        self._stop_event = trio.Event()
+        self._done = trio.Event()
+        self._wakeup = _Signal()
+        self._space = _Signal()
+        self._changed = _Signal()
+
+        self.connections = 0
+        self.reconnects = 0
+        self.replayed_bytes = 0
+        self.dropped_chunks = 0
+        self.dropped_bytes = 0
+        self.pongs = 0
+
+    # -- producer side ------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closing or self._done.is_set():
+            raise UpstreamError("the upstream session is closed")
+        if self._ended:
+            raise RuntimeError("audio after end()")
+
+    @property
+    def ready(self) -> bool:
+        return self._conn is not None and self._conn.ready
+
+    async def append(self, pcm: bytes) -> None:
+        """Queue 24 kHz PCM16; blocks while ready and the send queue is full (backpressure)."""
+        self._check_usable()
+        while self.ready and self._lane.audio_bytes >= SEND_QUEUE_BYTES:
+            await self._space.wait()
+            self._check_usable()
+        if not pcm:
+            return
+        chunk = AudioChunk(pcm, self._stream_bytes)
+        self._stream_bytes += len(pcm)
+        dropped = self._lane.push_audio(chunk, bounded=not self.ready)
+        self._count_drops(*dropped)
+        self._wakeup.fire()
+
+    def commit(self) -> None:
+        """Commit the audio appended so far (a barrier in the data lane)."""
+        self._check_usable()
+        self._lane.push_commit(CommitMark(pre_ready=not self.ready), coalesce=not self.ready)
+        self._wakeup.fire()
+
+    def end(self) -> None:
+        """No more audio: commit the rest and finish once every item has completed."""
+        if self._ended:
+            return
+        self._check_usable()
+        self._ended = True
+        self._lane.push_commit(
+            CommitMark(pre_ready=not self.ready, final=True), coalesce=not self.ready
+        )
+        self._wakeup.fire()
+
+    def _count_drops(self, chunks: int, nbytes: int) -> None:
+        if not chunks:
+            return
+        self.dropped_chunks += chunks
+        self.dropped_bytes += nbytes
+        totals = self._totals
+        totals.dropped_chunks += chunks
+        totals.dropped_bytes += nbytes
+        DROPPED_CHUNKS.labels(self._label).inc(chunks)
+        DROPPED_BYTES.labels(self._label).inc(nbytes)
+        now = trio.current_time()
+        if now - totals.last_drop_warning >= DROP_WARNING_INTERVAL:
+            totals.last_drop_warning = now
+            log.warning(
+                "%s: upstream not ready and the %d-byte pre-ready buffer is full; dropping the "
+                "oldest audio (dropped_chunks=%d dropped_bytes=%d)",
+                self._label,
+                self._lane.cap,
+                totals.dropped_chunks,
+                totals.dropped_bytes,
+                extra={
+                    "dropped_chunks": totals.dropped_chunks,
+                    "dropped_bytes": totals.dropped_bytes,
+                },
+            )
+
+    # -- consumer side ------------------------------------------------------------------------
+    async def wait_ready(self) -> None:
+        """Return once the first upstream session is ready; raise if the client failed first."""
+        await self._first_ready.wait()
+        if self._error is not None:
+            raise self._error
+        if self._done.is_set() and not self._finished:
+            raise UpstreamUnavailable("the upstream session closed before it was ready")
+
+    async def updates(self) -> AsyncIterator[EngineUpdate]:
+        """Cumulative updates (conflated: a slow reader gets the latest); ends after the final."""
+        seen = 0
+        while True:
+            if self._version != seen:
+                seen = self._version
+                yield self._update
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._final_published or self._closing:
+                return
+            await self._changed.wait()
+
+    def _publish(self, *, final: bool = False) -> None:
+        update = self._assembler.snapshot(self._processed, final=final)
+        if final:
+            self._final_published = True
+        elif update == self._update:
+            return
+        self._update = update
+        self._version += 1
+        self._changed.fire()
+
+    def _fail(self, error: GatewayError) -> None:
+        if self._error is None and not self._finished and not self._closing:
+            log.warning("%s: %s: %s", self._label, error.code, error.detail)
+            self._error = error
+            self._changed.fire()
+            self._space.fire()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Connect, reconnect and stream until finished, failed or stopped. Never raises
+        (failures are reported through ``updates``), except when cancelled by ``aclose``."""
+        self._started = True
+        try:
+            with self._run_scope:
+                with trio.move_on_after(self._cfg.session_timeout) as session_scope:
+                    with self._finish_scope:
+                        await self._run_connections()
+                    if self._finish_scope.cancelled_caught:
+                        self._finish_timed_out()
+                if session_scope.cancelled_caught:
+                    self._fail(Timeout(f"session exceeded {self._cfg.session_timeout:g} s"))
+        finally:
+            self._conn = None
+            self._clear_state()
+            self._done.set()
+            self._first_ready.set()
+            self._changed.fire()
+            self._space.fire()
+
+    def _finish_timed_out(self) -> None:
+        if self._finished or self._closing or self._error is not None:
+            return
+        self._assembler.drop_uncommitted()
+        if self._assembler.pending or len(self._lane) or not self._final_out:
+            self._fail(
+                Timeout(
+                    f"{self._assembler.pending} items still incomplete {FINISH_TIMEOUT:g} s "
+                    "after the end of the audio"
+                )
+            )
+        else:
+            # Only an acknowledgement was missing; every item is complete.
+            self._finished = True
+            self._publish(final=True)
+
+    async def aclose(self) -> None:
+        """Stop: clear all state now, close with 1000 within ``STOP_TIMEOUT``. Idempotent."""
+        if not self._closing:
+            self._closing = True
+            self._clear_state()
+            self._stop_event.set()
+            self._wakeup.fire()
+            self._space.fire()
+            self._changed.fire()
+        if not self._started:
+            self._done.set()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(STOP_TIMEOUT):
+                await self._done.wait()
+            if not self._done.is_set():
+                self._hard_stop = True
+                self._run_scope.cancel()
+                if self._close_scope is not None:
+                    self._close_scope.cancel()
+                await self._done.wait()
+
+    def _clear_state(self) -> None:
+        self._lane.clear()
+        conn = self._conn
+        if conn is not None:
+            conn.ledger.clear()
+            conn.ledger_bytes = 0
+            conn.control.clear()
+            conn.pending_commits.clear()
+            conn.ready = False
+        self._ended = False
+        self._final_out = False
+
+    def state(self) -> dict[str, Any]:
+        """What the client still holds (for tests and debugging)."""
+        conn = self._conn
+        return {
+            "lane_entries": len(self._lane),
+            "lane_bytes": self._lane.audio_bytes,
+            "ledger_entries": len(conn.ledger) if conn else 0,
+            "control": len(conn.control) if conn else 0,
+            "pending_commits": len(conn.pending_commits) if conn else 0,
+            "ready": self.ready,
+            "ended": self._ended,
+            "running": self._started and not self._done.is_set(),
+        }
+
+    # -- connections --------------------------------------------------------------------------
+    async def _run_connections(self) -> None:
+        while not (self._closing or self._finished or self._error is not None):
+            outcome = await self._connect_once()
+            if isinstance(outcome, _Fail):
+                self._fail(outcome.error)
+                return
+            if isinstance(outcome, _Done) or self._closing or self._finished:
+                return
+            # Why the counter only resets on session.updated: a socket that opens and then dies
+            # before the session is usable is a failed attempt, however fast the TCP connect was.
+            self._attempt += 1
+            if self._attempt >= self._cfg.max_attempts:
+                self._fail(
+                    UpstreamUnavailable(
+                        f"gave up after {self._attempt} failed attempts: {outcome.reason}"
+                    )
+                )
+                return
+            delay = backoff_delay(
+                self._attempt, self._cfg.backoff_initial, self._cfg.backoff_max, self._rng
+            )
+            self.reconnects += 1
+            self._totals.reconnects += 1
+            RECONNECTS.labels(self._label).inc()
+            log.warning(
+                "%s: %s; reconnecting in %.2f s (attempt %d of %d)",
+                self._label,
+                outcome.reason,
+                delay,
+                self._attempt + 1,
+                self._cfg.max_attempts,
+            )
+            with trio.move_on_after(delay):
+                await self._stop_event.wait()
+
+    async def _connect_once(self) -> _Outcome:
+        conn: _Connection | None = None
+        failure: _Outcome | None = None
+        try:
+            async with self._connect(self._cfg.url, self._headers, self._cfg.connect_timeout) as ws:
+                conn = _Connection(ws, self.connections)
+                self.connections += 1
+                self._conn = conn
+                try:
+                    async with trio.open_nursery() as nursery:
+                        conn.scope = nursery.cancel_scope
+                        for task in (self._receiver, self._sender, self._heartbeat, self._watchdog):
+                            nursery.start_soon(self._guard, task, conn)
+                finally:
+                    await self._close_socket(conn)
+        # The one boundary where trio-websocket's and the network's errors become outcomes.
+        except ConnectionRejected as exc:
+            failure = _rejected(exc)
+        except HandshakeError as exc:
+            failure = _Retry(f"cannot connect to {self._cfg.url}: {exc!r}")
+        except (ConnectionClosed, OSError, trio.BrokenResourceError) as exc:
+            failure = _Retry(f"connection failed: {exc!r}")
+        finally:
+            if conn is not None:
+                self._connection_lost(conn)
+        if conn is not None and conn.outcome is not None:
+            return conn.outcome
+        return failure or _Retry("connection ended")
+
+    async def _guard(self, task: Callable[[_Connection], Any], conn: _Connection) -> None:
+        try:
+            await task(conn)
+        except Exception as exc:
+            log.exception("%s: internal error in %s", self._label, task.__name__)
+            error = UpstreamError(f"internal error in the OpenAI client: {exc!r}")
+            error.__cause__ = exc
+            self._end(conn, _Fail(error))
+
+    def _end(self, conn: _Connection, outcome: _Outcome) -> None:
+        if conn.outcome is None and isinstance(outcome, _Fail):
+            self._fail(outcome.error)
+        conn.end(outcome)
+
+    async def _close_socket(self, conn: _Connection) -> None:
+        outcome = conn.outcome
+        if isinstance(outcome, _Retry):
+            code = outcome.close_code
+        else:
+            code = None if outcome is None else 1000
+        forced = code is None or conn.in_send or self._hard_stop
+        with trio.CancelScope(shield=True) as scope:
+            self._close_scope = scope
+            scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+            if not forced:
+                assert code is not None
+                await conn.ws.aclose(code)
+        self._close_scope = None
+        if forced or scope.cancelled_caught:
+            # Half a frame may be on the wire, or the peer stopped reading: a close frame
+            # could not be delivered intact, so drop the transport.
+            await trio.aclose_forcefully(conn.ws)
+
+    def _connection_lost(self, conn: _Connection) -> None:
+        self._conn = None
+        conn.ready = False
+        if not (self._closing or self._finished or self._error is not None):
+            # Replay: what was sent but not covered goes back, in order, ahead of unsent audio.
+            replay: list[LaneEntry] = []
+            for _, entry in conn.ledger:
+                if isinstance(entry, AudioChunk):
+                    entry.replay = True
+                    replay.append(entry)
+                else:
+                    replay.append(CommitMark(final=entry.final))
+            self._lane.prepend(replay)
+            self._count_drops(*self._lane.enforce_cap())
+            # Items of the lost session that had not completed are gone with it; their audio
+            # is in the replay.
+            self._assembler.discard_unstable()
+            if self._ended and not (
+                isinstance(self._lane.last, CommitMark) and self._lane.last.final
+            ):
+                self._lane.push_commit(CommitMark(final=True), coalesce=False)
+            self._final_out = False
+            self._finish_scope.deadline = math.inf
+            self._publish()
+        conn.ledger.clear()
+        conn.ledger_bytes = 0
+        conn.control.clear()
+        conn.pending_commits.clear()
+        self._space.fire()
+
+    # -- connection tasks ---------------------------------------------------------------------
+    async def _watchdog(self, conn: _Connection) -> None:
+        with trio.move_on_after(self._cfg.connect_timeout):
+            await conn.ready_event.wait()
+            return
+        self._end(conn, _Retry(f"no session.updated within {self._cfg.connect_timeout:g} s", 1000))
+
+    async def _heartbeat(self, conn: _Connection) -> None:
+        while True:
+            await trio.sleep(self._cfg.ping_interval)
+            with trio.move_on_after(self._cfg.ping_timeout) as scope:
+                try:
+                    await conn.ws.ping()
+                except ConnectionClosed as exc:
+                    self._on_closed(conn, exc)
+                    return
+            if scope.cancelled_caught:
+                self._end(conn, _Retry(f"no pong within {self._cfg.ping_timeout:g} s"))
+                return
+            self.pongs += 1
+
+    async def _receiver(self, conn: _Connection) -> None:
+        while True:
+            try:
+                message = await conn.ws.get_message()
+            except ConnectionClosed as exc:
+                self._on_closed(conn, exc)
+                return
+            self._on_message(conn, message)
+
+    async def _sender(self, conn: _Connection) -> None:
+        while True:
+            frame = self._next_frame(conn)
+            if isinstance(frame, _Close):
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await conn.ws.aclose(1000)
+                self._end(conn, _Done())
+                return
+            if frame is None:
+                self._maybe_finish()
+                if self._closing or self._finished:
+                    continue
+                await self._wakeup.wait()
+                continue
+            conn.in_send = True
+            try:
+                await conn.ws.send_message(frame)
+            except ConnectionClosed as exc:
+                conn.in_send = False
+                self._on_closed(conn, exc)
+                return
+            conn.in_send = False
+
+    def _next_frame(self, conn: _Connection) -> str | _Close | None:
+        """The next frame to write, by lane priority; ``None`` when there is nothing to send."""
+        if self._closing or self._finished:
+            return _CLOSE
+        if conn.control:
+            conn.update_sent = True
+            return conn.control.popleft()
+        if not conn.ready:
+            return None
+        while (entry := self._lane.popleft()) is not None:
+            self._space.fire()
+            if isinstance(entry, AudioChunk):
+                conn.record_audio(entry)
+                if entry.replay:
+                    self.replayed_bytes += len(entry.data)
+                    self._totals.replayed_bytes += len(entry.data)
+                    REPLAYED_BYTES.labels(self._label).inc(len(entry.data))
+                lost = conn.trim_ledger(self._cfg.buffer_bytes)
+                self._totals.unreplayable_bytes += lost
+                end = (entry.offset + len(entry.data)) / BYTES_PER_SECOND
+                self._processed = max(self._processed, end)
+                return encode_append(entry.data)
+            if entry.final:
+                # The clock for the upstream to finish starts now, on a ready connection.
+                self._final_out = True
+                self._finish_scope.deadline = trio.current_time() + FINISH_TIMEOUT
+            if conn.uncommitted < MIN_COMMIT_BYTES:
+                # Less than 100 ms would be rejected with commit_empty: nothing to commit.
+                continue
+            conn.ledger.append((conn.sent, entry))
+            conn.pending_commits.append(conn.sent)
+            conn.uncommitted = 0
+            return encode_commit()
+        return None
+
+    # -- server events ------------------------------------------------------------------------
+    def _on_closed(self, conn: _Connection, exc: ConnectionClosed) -> None:
+        if self._closing or self._finished or conn.outcome is not None:
+            conn.end(_Done())
+            return
+        reason = exc.reason
+        code = 1006 if reason is None else reason.code
+        text = "" if reason is None or not reason.reason else f" ({reason.reason})"
+        if code in RETRY_CLOSE_CODES:
+            self._end(conn, _Retry(f"upstream closed with {code}{text}"))
+        else:
+            self._end(conn, _Fail(UpstreamError(f"upstream closed the session with {code}{text}")))
+
+    def _on_message(self, conn: _Connection, message: str | bytes) -> None:
+        try:
+            event = decode_server_event(message)
+        except msgspec.MsgspecError as exc:
+            log.warning("%s: ignoring a malformed upstream event: %s", self._label, exc)
+            return
+        match event:
+            case None:
+                return
+            case SessionCreated():
+                if not conn.update_sent and not conn.control:
+                    conn.control.append(self._update_frame)
+                    self._wakeup.fire()
+                return
+            case SessionUpdated():
+                if not conn.ready:
+                    self._on_session_ready(conn)
+                return
+            case ErrorEvent(error=info):
+                self._on_error(conn, info)
+            case Committed():
+                self._on_committed(conn, event)
+            case TranscriptionFailed(item_id=item_id, error=info):
+                apply_event(self._assembler, event)
+                self._publish()
+                self._end(
+                    conn,
+                    _Fail(
+                        UpstreamError(
+                            f"transcription of item {item_id} failed: "
+                            f"{info.code or info.type}: {info.message}"
+                        )
+                    ),
+                )
+                return
+            case SpeechStopped(item_id=item_id, audio_end_ms=ms):
+                conn.item_end[item_id] = ms * BYTES_PER_MS
+                conn.stopped.add(item_id)
+                apply_event(self._assembler, event, seconds=conn.ms_to_seconds)
+            case _:
+                apply_event(self._assembler, event, seconds=conn.ms_to_seconds)
+        last = self._assembler.last_stable_id
+        if last is not None and last in conn.item_end:
+            conn.cover(conn.item_end[last])
+        self._publish()
+        self._maybe_finish()
+
+    def _on_session_ready(self, conn: _Connection) -> None:
+        conn.ready = True
+        conn.ready_event.set()
+        self._attempt = 0
+        self._first_ready.set()
+        if self._on_ready is not None:
+            self._on_ready()
+        self._wakeup.fire()
+        self._space.fire()
+
+    def _on_error(self, conn: _Connection, info: ErrorInfo) -> None:
+        if info.code == COMMIT_EMPTY:
+            # Benign: server VAD had already committed that audio. It answers our oldest commit.
+            if conn.pending_commits:
+                conn.pending_commits.popleft()
+            return
+        if info.code == SESSION_EXPIRED:
+            self._end(conn, _Retry("upstream session expired", 1000))
+            return
+        detail = f"{info.type}/{info.code}: {info.message}" if info.code else info.message
+        if not conn.ready:
+            if info.type == INVALID_REQUEST:
+                self._end(conn, _Fail(UpstreamError(f"upstream rejected the session: {detail}")))
+            else:
+                self._end(conn, _Retry(f"upstream error before ready: {detail}", 1000))
+            return
+        self._end(conn, _Fail(UpstreamError(f"upstream error: {detail}")))
+
+    def _on_committed(self, conn: _Connection, event: Committed) -> None:
+        # Whose commit is it? With server VAD the server commits on its own after
+        # speech_stopped; anything else answers our oldest outstanding commit.
+        ours = bool(conn.pending_commits) and (self._manual or event.item_id not in conn.stopped)
+        if ours:
+            end = conn.pending_commits.popleft()
+        else:
+            end = conn.item_end.get(event.item_id, conn.sent)
+            conn.uncommitted = max(0, conn.sent - end)
+        conn.item_end[event.item_id] = end
+        start, conn.last_commit_end = conn.last_commit_end, end
+        apply_event(
+            self._assembler,
+            event,
+            seconds=conn.ms_to_seconds,
+            commit_start=conn.seconds(start),
+            commit_end=conn.seconds(end),
+        )
+
+    def _maybe_finish(self) -> None:
+        conn = self._conn
+        if (
+            not self._ended
+            or self._finished
+            or self._closing
+            or conn is None
+            or not conn.ready
+            or not self._final_out
+            or conn.pending_commits
+            or len(self._lane)
+        ):
+            return
+        # Our last commit is answered: speech the server saw start but never got committed
+        # (cut by the end of the audio, under 100 ms) will never complete.
+        if self._assembler.drop_uncommitted():
+            self._publish()
+        if self._assembler.pending:
+            return
+        self._finished = True
+        self._publish(final=True)
+        self._wakeup.fire()
+
+
+def _rejected(exc: ConnectionRejected) -> _Outcome:
+    status = exc.status_code
+    body = (exc.body or b"")[:200].decode("utf-8", "replace")
+    if status in (408, 429) or status >= 500:
+        return _Retry(f"upstream refused the connection with HTTP {status}")
+    if status in (401, 403):
+        error: GatewayError = UpstreamUnavailable(
+            f"upstream rejected the credentials with HTTP {status}: {body}"
+        )
+    else:
+        error = UpstreamError(f"upstream refused the connection with HTTP {status}: {body}")
+    error.__cause__ = exc
+    return _Fail(error)
+
+
+@asynccontextmanager
+async def open_realtime_client(
+    config: OpenAIRealtimeConfig,
+    *,
+    api_key: str,
+    language: str = "",
+    connect: Connector | None = None,
+    engine: str = "openai",
+    rng: random.Random | None = None,
+    wait_ready: bool = True,
+    totals: _Totals | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> AsyncIterator[RealtimeClient]:
+    """Run a :class:`RealtimeClient` for the duration of the block; stop it on the way out.
+
+    With ``wait_ready`` the block starts once the first upstream session is ready, and a
+    failure to get there (bad key, retries exhausted) is raised here instead.
+    """
+    client = RealtimeClient(
+        config,
+        api_key=api_key,
+        language=language,
+        connect=connect,
+        engine=engine,
+        rng=rng,
+        totals=totals,
+        on_ready=on_ready,
+    )
+    # Exceptions from the block are carried past the nursery and re-raised unchanged, so that
+    # callers never see them wrapped in an exception group.
+    error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        try:
+            if wait_ready:
+                await client.wait_ready()
+            yield client
+        except BaseException as exc:
+            error = exc
+        finally:
+            await client.aclose()
+    if error is not None:
+        raise error
+
+
+# -- the engine seam ----------------------------------------------------------------------------
+
+
+class _RealtimeSession(Session):
+    audio_format = "pcm"
+
+    def __init__(self, client: RealtimeClient, *, manual: bool) -> None:
+        self._client = client
+        self._manual = manual
+        self._resampler = PcmResampler(PCM_SAMPLE_RATE, SAMPLE_RATE)
+        self._since_commit = 0
+
+    async def _append(self, pcm: bytes) -> None:
+        for i in range(0, len(pcm), MAX_APPEND_BYTES):
+            await self._client.append(pcm[i : i + MAX_APPEND_BYTES])
+        if self._manual:
+            self._since_commit += len(pcm)
+            if self._since_commit >= MANUAL_COMMIT_BYTES:
+                self._since_commit = 0
+                self._client.commit()
+
+    async def send_audio(self, chunk: bytes) -> None:
+        await self._append(self._resampler.push(chunk))
+
+    async def end_audio(self) -> None:
+        await self._append(self._resampler.flush())
+        self._client.end()
+
+    async def results(self) -> AsyncIterator[EngineUpdate]:
+        async for update in self._client.updates():
+            yield update
+
+
+class OpenAIRealtimeEngine(Engine):
+    """OpenAI Realtime transcription, or any server speaking its GA WebSocket protocol."""
+
+    kind = "openai-realtime"
+
+    def __init__(
+        self,
+        name: str,
+        config: OpenAIRealtimeConfig,
+        *,
+        connect: Connector | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.config = config
+        self._connect = connect
+        self._rng = rng or random.Random()
+        self._admission = Admission(
+            {config.url: config.max_sessions},
+            max_queue=config.max_queue,
+            queue_timeout=config.queue_timeout,
+        )
+        self._totals = _Totals()
+        self.opened = 0
+        self.closed = 0
+
+    def _api_key(self) -> str:
+        return os.environ.get(self.config.api_key_env, "")
+
+    @asynccontextmanager
+    async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
+        api_key = self._api_key()
+        if not api_key:
+            raise UpstreamUnavailable(
+                f"engine {self.name}: environment variable {self.config.api_key_env} is not set"
+            )
+        async with self._admission.acquire(options.on_queued) as lease:
+            self.opened += 1
+            try:
+                async with open_realtime_client(
+                    self.config,
+                    api_key=api_key,
+                    language=options.language,
+                    connect=self._connect,
+                    engine=self.name,
+                    rng=self._rng,
+                    totals=self._totals,
+                    on_ready=lease.succeeded,
+                ) as client:
+                    yield _RealtimeSession(client, manual=self.config.turn_detection == "none")
+            except UpstreamUnavailable:
+                lease.failed(self.config.backoff_max)
+                raise
+            finally:
+                self.closed += 1
+
+    async def readiness(self) -> str | None:
+        if not self._api_key():
+            return f"environment variable {self.config.api_key_env} is not set"
+        if not self._admission.any_healthy():
+            return f"upstream {self.config.url} is backing off after failures"
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        totals = self._totals
+        return {
+            "sessions": self._admission.sessions(),
+            "queued": self._admission.queue_length,
+            "healthy": {k: int(v) for k, v in self._admission.health().items()},
+            "reconnects": totals.reconnects,
+            "replayed_bytes": totals.replayed_bytes,
+            "dropped_chunks": totals.dropped_chunks,
+            "dropped_bytes": totals.dropped_bytes,
+            "unreplayable_bytes": totals.unreplayable_bytes,
+        }
