@@ -383,9 +383,13 @@ class FakeWlkServer:
 
     # -- processing -----------------------------------------------------------------------------
     async def _processor(self) -> None:
+        last = trio.current_time()
         while True:
             await trio.sleep(self.tick)
-            self._advance(self.tick)
+            # Advance by the time that really passed: a late wake-up must not slow the server.
+            now = trio.current_time()
+            self._advance(now - last)
+            last = now
             self._ticked.set()
             self._ticked = trio.Event()
 
