@@ -172,7 +172,7 @@ class _FaultyStream(trio.abc.Stream):
     async def abort(self) -> None:
         await trio.aclose_forcefully(self.inner)
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if not self._frozen:
             with trio.CancelScope() as scope:
                 self._scopes.add(scope)
@@ -259,7 +259,7 @@ class MemoryNetwork:
                     stream = await listener.connect()
                     ws = await wrap_client_stream(
                         nursery,
-                        stream,
+                        stream,  # type: ignore[arg-type]  # any trio Stream works
                         parts.netloc,
                         resource,
                         extra_headers=extra_headers,
