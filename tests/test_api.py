@@ -368,3 +368,20 @@ async def test_queued_positions_when_sessions_are_busy(tmp_path: Path) -> None:
     assert results[2][:2] == ["queued:2", "queued:1"]
     for kinds in results.values():
         assert kinds[-1] == "done"
+
+
+async def test_keepalive_over_a_real_socket(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        server={"keepalive": 0.05},
+        engines=engines(slow=scripted(words=["a"], seconds_per_word=5.0, delay=0.5)),
+    )
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            async with c.stream("POST", STREAM, params={"engine": "slow"}, files=upload(GOFORWARD)) as r:
+                events = await collect(r)
+    labels = [e.data if e.event == "comment" else e.event for e in events]
+    assert labels[-1] == "done"
+    # The first update comes 0.5 s after the start: keepalives every 50 ms fill the silence.
+    first = labels.index("transcription")
+    assert first >= 3 and set(labels[:first]) == {"keepalive"}

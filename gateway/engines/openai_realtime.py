@@ -525,6 +525,8 @@ class RealtimeClient:
         self._stream_bytes = 0
         self._processed = 0.0
         self._attempt = 0
+        # A connection of the current series reached session.updated.
+        self._ready_seen = False
         self._ended = False
         self._final_out = False
         self._finished = False
@@ -570,6 +572,8 @@ class RealtimeClient:
     async def append(self, pcm: bytes) -> None:
         """Queue 24 kHz PCM16; blocks while ready and the send queue is full (backpressure)."""
         self._check_usable()
+        if len(pcm) % 2:
+            raise ValueError("PCM16 audio must hold whole samples (an even number of bytes)")
         while self.ready and self._lane.audio_bytes >= SEND_QUEUE_BYTES:
             await self._space.wait()
             self._check_usable()
@@ -758,9 +762,13 @@ class RealtimeClient:
                 return
             if isinstance(outcome, _Done) or self._closing or self._finished:
                 return
-            # Why the counter only resets on session.updated: a socket that opens and then dies
-            # before the session is usable is a failed attempt, however fast the TCP connect was.
-            self._attempt += 1
+            # ``_attempt`` counts failed connection attempts since the last session.updated.
+            # Why only that resets it: a socket that opens and then dies before the session is
+            # usable is a failed attempt, however fast the TCP connect was. Losing a session
+            # that was ready is not a failed attempt; it starts a new series of reconnects.
+            if not self._ready_seen:
+                self._attempt += 1
+            self._ready_seen = False
             if self._attempt >= self._cfg.max_attempts:
                 self._fail(
                     UpstreamUnavailable(
@@ -769,7 +777,10 @@ class RealtimeClient:
                 )
                 return
             delay = backoff_delay(
-                self._attempt, self._cfg.backoff_initial, self._cfg.backoff_max, self._rng
+                max(self._attempt, 1),
+                self._cfg.backoff_initial,
+                self._cfg.backoff_max,
+                self._rng,
             )
             self.reconnects += 1
             self._totals.reconnects += 1
@@ -807,6 +818,11 @@ class RealtimeClient:
             failure = _Retry(f"cannot connect to {self._cfg.url}: {exc!r}")
         except (ConnectionClosed, OSError, trio.BrokenResourceError) as exc:
             failure = _Retry(f"connection failed: {exc!r}")
+        except Exception as exc:
+            log.exception("%s: cannot use upstream %s", self._label, self._cfg.url)
+            error = UpstreamError(f"cannot use upstream {self._cfg.url}: {exc!r}")
+            error.__cause__ = exc
+            failure = _Fail(error)
         finally:
             if conn is not None:
                 self._connection_lost(conn)
@@ -1029,6 +1045,7 @@ class RealtimeClient:
         conn.ready = True
         conn.ready_event.set()
         self._attempt = 0
+        self._ready_seen = True
         self._first_ready.set()
         if self._on_ready is not None:
             self._on_ready()
