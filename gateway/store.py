@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import anyio
 import msgspec
 
-from .errors import StoreError
+from .errors import StoreError, collapse_groups
 from .events import Segment, Transcript, Word
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoredTranscript", "open_store"]
@@ -249,11 +249,12 @@ async def open_store(path: str) -> AsyncIterator[Store]:
     """Open (creating and migrating) the database and run its thread until the block exits."""
     store = Store(os.fspath(path))
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(store._run_thread)
-            try:
-                yield store
-            finally:
-                store._shutdown()
+        with collapse_groups():
+            async with anyio.create_task_group() as tg:
+                await tg.start(store._run_thread)
+                try:
+                    yield store
+                finally:
+                    store._shutdown()
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}") from exc

@@ -1,0 +1,84 @@
+"""The SQLite store on its dedicated thread: persistence, atomic saves, corrections, schema."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.errors import StoreError
+from gateway.events import Segment, Transcript
+from gateway.store import SCHEMA_VERSION, open_store
+
+pytestmark = pytest.mark.anyio
+
+
+def transcript(id: str, text: str) -> Transcript:
+    segs = (Segment(0.0, 1.0, text),)
+    return Transcript(id=id, segments=segs, committed=1, current_time=1.0, total_time=1.0, engine="e")
+
+
+async def test_survives_a_reopen_in_wal_mode(tmp_path: Path) -> None:
+    path = str(tmp_path / "db" / "g.sqlite3")
+    with trio.fail_after(10):
+        async with open_store(path) as store:
+            await store.save(transcript("a", "hello"))
+        async with open_store(path) as store:
+            got = await store.get("a")
+            assert got is not None and got.text == "hello" and got.segments[0].text == "hello"
+            assert await store.get("b") is None
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+async def test_resaving_keeps_human_corrections(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+            await store.save(transcript("a", "helo"))
+            assert await store.set_corrections("a", (Segment(0.0, 1.0, "Hello."),))
+            assert not await store.set_corrections("zzz", ())
+            await store.save(transcript("a", "hello again"))
+            got = await store.get("a")
+    assert got is not None and got.text == "hello again"
+    assert got.corrected == (Segment(0.0, 1.0, "Hello."),)
+
+
+async def test_tenants_are_separate(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+            await store.save(transcript("a", "mine"), tenant="t1")
+            assert await store.get("a", tenant="t2") is None
+            assert (await store.get("a", tenant="t1")) is not None
+
+
+async def test_a_cancelled_caller_does_not_tear_a_write(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+            with trio.move_on_after(0):
+                await store.save(transcript("a", "complete"))
+            # The job was queued before the cancel: it completes, whole.
+            got = await store.get("a")
+    assert got is not None and got.text == "complete"
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "g.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with trio.fail_after(10), pytest.raises(StoreError, match="newer"):
+        async with open_store(str(path)):
+            pass
+
+
+async def test_closed_store_refuses_work(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+            pass
+        with pytest.raises(StoreError):
+            await store.get("a")
