@@ -29,6 +29,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/embedded.py
+	$(BIN)/python bench/pacing.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -60,7 +60,9 @@ async def readyz(request: Request) -> Response:
         if (reason := await default.readiness()) is not None:
             reasons.append(f"engine {default.name}: {reason}")
     body = {"status": "ready" if not reasons else "unready", "reasons": reasons, "engines": engines}
-    return Response(_json.encode(body), status_code=503 if reasons else 200, media_type="application/json")
+    return Response(
+        _json.encode(body), status_code=503 if reasons else 200, media_type="application/json"
+    )
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -83,7 +85,9 @@ def create_app(config: Config) -> Starlette:
             metrics.REGISTRY.register(collector)
             stack.callback(metrics.REGISTRY.unregister, collector)
             app.state.gateway = state
-            log.info("gateway ready: engines %s, store %s", ", ".join(state.engines), config.store.path)
+            log.info(
+                "gateway ready: engines %s, store %s", ", ".join(state.engines), config.store.path
+            )
             yield
             log.info("gateway stopping")
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from contextlib import aclosing
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +97,7 @@ class _Spool:
 
     async def open(self) -> None:
         def create() -> Any:
-            return tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in aclose
+            return tempfile.NamedTemporaryFile(
                 prefix="upload-", suffix=".bin", dir=self._dir, delete=False
             )
 
@@ -224,7 +224,8 @@ async def receive_upload(
     media = ctype.decode("latin-1").lower()
     multipart = media == "multipart/form-data"
     if not multipart and not (
-        media.startswith("audio/") or media in ("application/octet-stream", "video/mp4", "video/webm", "video/ogg")
+        media.startswith("audio/")
+        or media in ("application/octet-stream", "video/mp4", "video/webm", "video/ogg")
     ):
         raise UnsupportedMediaType(
             f"expected multipart/form-data, audio/* or application/octet-stream, got {media or 'none'!r}"
@@ -241,7 +242,7 @@ async def receive_upload(
             if not boundary:
                 raise BadRequest("multipart body without a boundary")
             sink = _MultipartSink(spool)
-            parser = MultipartParser(boundary, sink.callbacks())
+            parser = MultipartParser(boundary, sink.callbacks())  # type: ignore[arg-type]
             try:
                 async with aclosing(body):
                     async for chunk in body:

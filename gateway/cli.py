@@ -27,7 +27,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     async def main() -> None:
         async def until_signal() -> None:
@@ -115,7 +117,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         print("\ngateway: the stream ended without a result", file=sys.stderr)
         return 1
     cached = " (cached)" if final.get("cached") else ""
-    print(f"\r\x1b[2K" if tty else "", end="", file=sys.stderr)
+    print("\r\x1b[2K" if tty else "", end="", file=sys.stderr)
     print(f"id {final['id']}{cached}", file=sys.stderr)
     print(final["text"])
     return 0

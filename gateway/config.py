@@ -38,7 +38,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class ServerConfig(_Section):
+class ServerConfig(_Section, frozen=True):
     bind: str = "127.0.0.1:8000"
     default_engine: str = "embedded"
     # Seconds without any byte sent before an SSE stream gets a ": keepalive" comment; 0 disables.
@@ -50,15 +50,15 @@ class ServerConfig(_Section):
     hypercorn_config: str = ""
 
 
-class StoreConfig(_Section):
+class StoreConfig(_Section, frozen=True):
     path: str = "data/gateway.sqlite3"
 
 
-class _EngineBase(_Section, tag_field="kind"):
+class _EngineBase(_Section, frozen=True, tag_field="kind"):
     pass
 
 
-class PocketSphinxConfig(_EngineBase, tag="pocketsphinx"):
+class PocketSphinxConfig(_EngineBase, frozen=True, tag="pocketsphinx"):
     # Concurrent decodes across all sessions; 0 means the CPU count.
     workers: Annotated[int, msgspec.Meta(ge=0)] = 0
     # Audio seconds between live partial snapshots.
@@ -70,7 +70,7 @@ class PocketSphinxConfig(_EngineBase, tag="pocketsphinx"):
     queue_timeout: PositiveFloat = 600.0
 
 
-class ScriptedConfig(_EngineBase, tag="scripted"):
+class ScriptedConfig(_EngineBase, frozen=True, tag="scripted"):
     """A deterministic engine for demos, tests and benchmarks: it replays a fixed script."""
 
     words: list[str] = msgspec.field(default_factory=lambda: ["hello", "world"])
@@ -86,7 +86,7 @@ class ScriptedConfig(_EngineBase, tag="scripted"):
     queue_timeout: PositiveFloat = 600.0
 
 
-class WhisperLiveKitConfig(_EngineBase, tag="whisperlivekit"):
+class WhisperLiveKitConfig(_EngineBase, frozen=True, tag="whisperlivekit"):
     urls: list[str] = msgspec.field(default_factory=list)
     max_sessions: Annotated[int, msgspec.Meta(gt=0)] = 2
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = 32
@@ -102,7 +102,7 @@ class WhisperLiveKitConfig(_EngineBase, tag="whisperlivekit"):
     token: str = ""
 
 
-class OpenAIRealtimeConfig(_EngineBase, tag="openai-realtime"):
+class OpenAIRealtimeConfig(_EngineBase, frozen=True, tag="openai-realtime"):
     url: str = "wss://api.openai.com/v1/realtime?intent=transcription"
     api_key_env: str = "OPENAI_API_KEY"
     model: str = "gpt-4o-transcribe"
@@ -134,7 +134,7 @@ def _default_engines() -> dict[str, EngineConfig]:
     return {"embedded": PocketSphinxConfig()}
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     engines: dict[str, EngineConfig] = msgspec.field(default_factory=_default_engines)

@@ -190,7 +190,9 @@ async def _read_raw(job: Job, out: anyio.abc.ObjectSendStream[bytes]) -> None:
             await out.send(chunk)
 
 
-async def _send(session: Session, source: anyio.abc.ObjectReceiveStream[bytes], state: _RunState) -> None:
+async def _send(
+    session: Session, source: anyio.abc.ObjectReceiveStream[bytes], state: _RunState
+) -> None:
     async with source:
         async for chunk in source:
             await session.send_audio(chunk)

@@ -18,9 +18,9 @@ from hypercorn.trio import serve as hypercorn_serve
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gateway.app import GatewayState, create_app  # noqa: E402
-from gateway.config import Config  # noqa: E402
-from gateway.server import hypercorn_config  # noqa: E402
+from gateway.app import GatewayState, create_app
+from gateway.config import Config
+from gateway.server import hypercorn_config
 
 
 @pytest.fixture

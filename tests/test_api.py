@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 from audio_util import GOFORWARD, LIBRIVOX, SHORT, pcm_of, write_wav
-from conftest import Gateway, collect, make_config, run_gateway, sse_events
+from conftest import collect, make_config, run_gateway, sse_events
 
 from gateway.engines.scripted import ScriptedEngine
 
@@ -33,7 +33,10 @@ def upload(path: Path) -> dict[str, tuple[str, bytes, str]]:
 
 async def test_stream_embedded_engine_live_then_done(tmp_path: Path) -> None:
     with trio.fail_after(120):
-        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with (
+            run_gateway(make_config(tmp_path)) as gw,
+            httpx.AsyncClient(base_url=gw.url) as c,
+        ):
             async with c.stream("POST", STREAM, files=upload(LIBRIVOX)) as r:
                 assert r.status_code == 200
                 assert r.headers["content-type"].startswith("text/event-stream")
@@ -70,7 +73,9 @@ async def test_cache_hit_is_a_single_done_and_restart_keeps_it(tmp_path: Path) -
             assert events[0].data["cached"] is True
             assert events[0].data["text"] == first["text"]
             # use_cache=false transcribes again.
-            async with c.stream("POST", STREAM, params={"use_cache": "false"}, files=upload(GOFORWARD)) as r:
+            async with c.stream(
+                "POST", STREAM, params={"use_cache": "false"}, files=upload(GOFORWARD)
+            ) as r:
                 again = await collect(r)
             assert again[-1].data["cached"] is False and len(again) > 1
         # A new process on the same database still has it.
@@ -83,7 +88,10 @@ async def test_cache_hit_is_a_single_done_and_restart_keeps_it(tmp_path: Path) -
 
 async def test_stored_transcript_formats_and_unknown_id(tmp_path: Path) -> None:
     with trio.fail_after(60):
-        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with (
+            run_gateway(make_config(tmp_path)) as gw,
+            httpx.AsyncClient(base_url=gw.url) as c,
+        ):
             done = (await c.post("/v1/transcriptions", files=upload(GOFORWARD))).json()
             base = f"/v1/transcriptions/{done['id']}"
             j = (await c.get(base)).json()
@@ -133,7 +141,13 @@ async def test_raw_body_upload_and_the_same_bytes_give_the_same_id(tmp_path: Pat
         ({"file": ("empty.wav", b"", "audio/wav")}, None, None, 400, "EMPTY_FILE"),
         ({"other": ("x.wav", b"RIFF", "audio/wav")}, None, None, 400, "MISSING_FILE"),
         ({"file": ("noise.wav", os.urandom(20000), "audio/wav")}, None, None, 415, "DECODE_ERROR"),
-        ({"file": ("t.wav", GOFORWARD.read_bytes()[:30], "audio/wav")}, None, None, 415, "DECODE_ERROR"),
+        (
+            {"file": ("t.wav", GOFORWARD.read_bytes()[:30], "audio/wav")},
+            None,
+            None,
+            415,
+            "DECODE_ERROR",
+        ),
         (None, b"", "audio/wav", 400, "EMPTY_FILE"),
         (None, b"hello", "text/plain", 415, "UNSUPPORTED_MEDIA_TYPE"),
     ],
@@ -148,7 +162,10 @@ async def test_bad_input_is_a_json_error_before_the_stream(
     code: str,
 ) -> None:
     with trio.fail_after(30):
-        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with (
+            run_gateway(make_config(tmp_path)) as gw,
+            httpx.AsyncClient(base_url=gw.url) as c,
+        ):
             headers = {"content-type": ctype} if ctype else {}
             for path in (STREAM, "/v1/transcriptions"):
                 r = await c.post(path, files=files, content=content, headers=headers)
@@ -160,7 +177,10 @@ async def test_bad_input_is_a_json_error_before_the_stream(
 
 async def test_unknown_engine_is_404(tmp_path: Path) -> None:
     with trio.fail_after(30):
-        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with (
+            run_gateway(make_config(tmp_path)) as gw,
+            httpx.AsyncClient(base_url=gw.url) as c,
+        ):
             q = await c.post(STREAM, params={"engine": "nope"}, files=upload(GOFORWARD))
             f = await c.post(STREAM, data={"engine": "nope"}, files=upload(GOFORWARD))
     for r in (q, f):
@@ -192,23 +212,36 @@ async def test_oversize_upload_is_413_while_receiving(tmp_path: Path) -> None:
     assert sent == 60_000
 
 
-async def test_engine_failure_mid_stream_is_one_error_event_and_nothing_stored(tmp_path: Path) -> None:
-    config = make_config(tmp_path, engines=engines(bad=scripted(words=["x"] * 10, seconds_per_word=0.25, fail_after=3)))
+async def test_engine_failure_mid_stream_is_one_error_event_and_nothing_stored(
+    tmp_path: Path,
+) -> None:
+    config = make_config(
+        tmp_path,
+        engines=engines(bad=scripted(words=["x"] * 10, seconds_per_word=0.25, fail_after=3)),
+    )
     with trio.fail_after(30):
         async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
-            async with c.stream("POST", STREAM, params={"engine": "bad"}, files=upload(GOFORWARD)) as r:
+            async with c.stream(
+                "POST", STREAM, params={"engine": "bad"}, files=upload(GOFORWARD)
+            ) as r:
                 assert r.status_code == 200
                 events = await collect(r)
             kinds = [e.event for e in events]
             assert kinds.count("error") == 1 and kinds[-1] == "error" and "done" not in kinds
             assert events[-1].data == {"code": "UPSTREAM_ERROR", "detail": "scripted failure"}
             assert [e.event for e in events[:-1]] == ["transcription"] * (len(events) - 1)
-            blocking = await c.post("/v1/transcriptions", params={"engine": "bad"}, files=upload(GOFORWARD))
+            blocking = await c.post(
+                "/v1/transcriptions", params={"engine": "bad"}, files=upload(GOFORWARD)
+            )
             assert blocking.status_code == 502
             assert blocking.json()["error"]["code"] == "UPSTREAM_ERROR"
-            transcript_id = (await c.post("/v1/transcriptions", files=upload(GOFORWARD))).json()["id"]
+            transcript_id = (await c.post("/v1/transcriptions", files=upload(GOFORWARD))).json()[
+                "id"
+            ]
             # Now stored under the embedded engine; the failed runs left nothing behind before it.
-            assert (await c.get(f"/v1/transcriptions/{transcript_id}")).json()["engine"] == "embedded"
+            assert (await c.get(f"/v1/transcriptions/{transcript_id}")).json()[
+                "engine"
+            ] == "embedded"
 
 
 async def test_decode_error_after_the_stream_started(tmp_path: Path) -> None:
@@ -219,10 +252,14 @@ async def test_decode_error_after_the_stream_started(tmp_path: Path) -> None:
 
     mp3 = transcode(LIBRIVOX, tmp_path / "l.mp3", "mp3").read_bytes()
     broken.write_bytes(mp3[: len(mp3) // 3] + os.urandom(len(mp3)))
-    config = make_config(tmp_path, engines=engines(fake=scripted(words=["w"] * 100, seconds_per_word=0.5)))
+    config = make_config(
+        tmp_path, engines=engines(fake=scripted(words=["w"] * 100, seconds_per_word=0.5))
+    )
     with trio.fail_after(60):
         async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
-            async with c.stream("POST", STREAM, params={"engine": "fake"}, files=upload(broken)) as r:
+            async with c.stream(
+                "POST", STREAM, params={"engine": "fake"}, files=upload(broken)
+            ) as r:
                 assert r.status_code == 200
                 events = await collect(r)
     assert good
@@ -286,10 +323,13 @@ async def test_slow_reader_gets_conflated_snapshots(tmp_path: Path) -> None:
 async def test_http2_prior_knowledge(tmp_path: Path) -> None:
     config = make_config(tmp_path, engines=engines(fake=scripted(words=["one", "two", "three"])))
     with trio.fail_after(30):
-        async with run_gateway(config) as gw, httpx.AsyncClient(
-            base_url=gw.url, http1=False, http2=True
-        ) as c:
-            async with c.stream("POST", STREAM, params={"engine": "fake"}, files=upload(GOFORWARD)) as r:
+        async with (
+            run_gateway(config) as gw,
+            httpx.AsyncClient(base_url=gw.url, http1=False, http2=True) as c,
+        ):
+            async with c.stream(
+                "POST", STREAM, params={"engine": "fake"}, files=upload(GOFORWARD)
+            ) as r:
                 assert r.http_version == "HTTP/2"
                 assert r.status_code == 200
                 events = await collect(r)
@@ -301,7 +341,10 @@ async def test_http2_prior_knowledge(tmp_path: Path) -> None:
 
 async def test_health_ready_and_metrics(tmp_path: Path) -> None:
     with trio.fail_after(60):
-        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with (
+            run_gateway(make_config(tmp_path)) as gw,
+            httpx.AsyncClient(base_url=gw.url) as c,
+        ):
             assert (await c.get("/healthz")).status_code == 200
             ready = await c.get("/readyz")
             assert ready.status_code == 200 and ready.json()["status"] == "ready"
@@ -320,7 +363,10 @@ async def test_health_ready_and_metrics(tmp_path: Path) -> None:
 
 async def test_readyz_is_503_when_the_store_is_not_writable(tmp_path: Path) -> None:
     with trio.fail_after(30):
-        async with run_gateway(make_config(tmp_path)) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with (
+            run_gateway(make_config(tmp_path)) as gw,
+            httpx.AsyncClient(base_url=gw.url) as c,
+        ):
             store = gw.state.store
 
             def lock(conn: object) -> None:
@@ -337,7 +383,9 @@ async def test_readyz_is_503_when_the_store_is_not_writable(tmp_path: Path) -> N
 async def test_queued_positions_when_sessions_are_busy(tmp_path: Path) -> None:
     config = make_config(
         tmp_path,
-        engines=engines(one=scripted(words=["a", "b", "c"], delay=0.05, max_sessions=1, max_queue=2)),
+        engines=engines(
+            one=scripted(words=["a", "b", "c"], delay=0.05, max_sessions=1, max_queue=2)
+        ),
     )
     files = [write_wav(tmp_path / f"s{i}.wav", pcm_of(GOFORWARD) + bytes(2 * i)) for i in range(4)]
     results: dict[int, list[str]] = {}
@@ -345,11 +393,15 @@ async def test_queued_positions_when_sessions_are_busy(tmp_path: Path) -> None:
         async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
 
             async def one(i: int, started: trio.Event) -> None:
-                async with c.stream("POST", STREAM, params={"engine": "one"}, files=upload(files[i])) as r:
+                async with c.stream(
+                    "POST", STREAM, params={"engine": "one"}, files=upload(files[i])
+                ) as r:
                     kinds = []
                     async with aclosing(sse_events(r)) as events:
                         async for e in events:
-                            kinds.append(e.event if e.event != "queued" else f"queued:{e.data['position']}")
+                            kinds.append(
+                                e.event if e.event != "queued" else f"queued:{e.data['position']}"
+                            )
                             started.set()
                     results[i] = kinds
 
@@ -378,7 +430,9 @@ async def test_keepalive_over_a_real_socket(tmp_path: Path) -> None:
     )
     with trio.fail_after(30):
         async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
-            async with c.stream("POST", STREAM, params={"engine": "slow"}, files=upload(GOFORWARD)) as r:
+            async with c.stream(
+                "POST", STREAM, params={"engine": "slow"}, files=upload(GOFORWARD)
+            ) as r:
                 events = await collect(r)
     labels = [e.data if e.event == "comment" else e.event for e in events]
     assert labels[-1] == "done"

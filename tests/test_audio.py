@@ -38,7 +38,9 @@ def multipart(fields: dict[str, str], file: bytes, name: str = "file") -> tuple[
 async def test_multipart_spool_hashes_incrementally_and_keeps_fields(tmp_path: Path) -> None:
     audio = GOFORWARD.read_bytes() * 3  # > one spool batch, split across many network chunks
     ctype, body = multipart({"engine": "x", "language": "en"}, audio)
-    upload = await receive_upload(ctype, len(body), chunks(body, 777), max_bytes=10**7, spool_dir=str(tmp_path))
+    upload = await receive_upload(
+        ctype, len(body), chunks(body, 777), max_bytes=10**7, spool_dir=str(tmp_path)
+    )
     try:
         assert Path(upload.path).read_bytes() == audio
         assert upload.id == hashlib.blake2b(audio, digest_size=16).hexdigest()
@@ -60,7 +62,9 @@ async def test_limit_is_enforced_while_receiving_and_the_spool_is_removed(tmp_pa
             yield b"\0" * 4096
 
     with pytest.raises(PayloadTooLarge):
-        await receive_upload("audio/wav", None, endless(), max_bytes=100_000, spool_dir=str(tmp_path))
+        await receive_upload(
+            "audio/wav", None, endless(), max_bytes=100_000, spool_dir=str(tmp_path)
+        )
     assert consumed <= 100_000 + 4096
     assert list(tmp_path.iterdir()) == []
 
@@ -70,7 +74,9 @@ async def test_missing_field_and_malformed_multipart(tmp_path: Path) -> None:
     with pytest.raises(MissingFile):
         await receive_upload(ctype, None, chunks(body), max_bytes=10**6, spool_dir=str(tmp_path))
     with pytest.raises(BadRequest):
-        await receive_upload("multipart/form-data", None, chunks(body), max_bytes=10**6, spool_dir=str(tmp_path))
+        await receive_upload(
+            "multipart/form-data", None, chunks(body), max_bytes=10**6, spool_dir=str(tmp_path)
+        )
     assert list(tmp_path.iterdir()) == []
 
 

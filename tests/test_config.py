@@ -100,3 +100,13 @@ def test_tls_needs_both_cert_and_key() -> None:
     config = load_config(environ={"GATEWAY_SERVER_CERTFILE": "/x.pem"})
     with pytest.raises(ConfigError, match="together"):
         hypercorn_config(config)
+
+
+def test_commented_engine_examples_are_valid(tmp_path: Path) -> None:
+    import re
+
+    text = (ROOT / "config" / "gateway.toml").read_text()
+    # Uncomment every example table and key: the documented examples must stay loadable.
+    enabled = re.sub(r"^# (\[engines\.|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
+    config = load_config(write(tmp_path, enabled), environ={})
+    assert set(config.engines) == {"embedded", "demo", "wlk", "openai"}

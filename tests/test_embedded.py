@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
 from audio_util import GOFORWARD, LIBRIVOX, pcm_of
@@ -19,7 +21,9 @@ def decoder() -> object:
     return _new_decoder()
 
 
-def recognise(decoder: object, pcm: bytes, chunk: int = 6400) -> tuple[list[EngineUpdate], EngineUpdate]:
+def recognise(
+    decoder: object, pcm: bytes, chunk: int = 6400
+) -> tuple[list[EngineUpdate], EngineUpdate]:
     rec = Recognizer(decoder, PocketSphinxConfig())
     partials = []
     for i in range(0, len(pcm), chunk):
@@ -37,7 +41,7 @@ def test_final_text_has_batch_accuracy_and_partials_come_every_second(decoder: o
     assert final.tentative == ()
     assert final.processed == pytest.approx(24.73, abs=0.05)
     # Committed segments only grow, and have sane, ordered times.
-    for a, b in zip(partials, partials[1:], strict=False):
+    for a, b in itertools.pairwise(partials):
         assert b.committed[: len(a.committed)] == a.committed
     ends = [s.end for s in final.committed]
     assert ends == sorted(ends) and ends[-1] <= 24.8

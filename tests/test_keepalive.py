@@ -15,7 +15,6 @@ from gateway.events import Done, Progress, Transcript
 from gateway.pipeline import Outbox, keepalive
 
 
-
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, object]]:
     return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})

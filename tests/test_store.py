@@ -17,7 +17,9 @@ pytestmark = pytest.mark.anyio
 
 def transcript(id: str, text: str) -> Transcript:
     segs = (Segment(0.0, 1.0, text),)
-    return Transcript(id=id, segments=segs, committed=1, current_time=1.0, total_time=1.0, engine="e")
+    return Transcript(
+        id=id, segments=segs, committed=1, current_time=1.0, total_time=1.0, engine="e"
+    )
 
 
 async def test_survives_a_reopen_in_wal_mode(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ the pipeline, the store and the engines are the same for all of them.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -51,7 +51,7 @@ def parse_bool(name: str, value: str, default: bool) -> bool:
     raise InvalidOption(f"{name} must be true or false, got {value!r}")
 
 
-async def _body(request: Request) -> AsyncIterator[bytes]:
+async def _body(request: Request) -> AsyncGenerator[bytes, None]:
     async for chunk in request.stream():
         if chunk:
             yield chunk

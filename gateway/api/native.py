@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from .. import exports
 from ..errors import GatewayError, InvalidOption, NotFound
-from ..events import Done, Failed, Progress, Queued, Segment, StreamEvent, Transcript
+from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript
 from .common import SSEStream, check_engine, option, parse_bool, prepare_job, receive, run_to_end
 
 if TYPE_CHECKING:
@@ -77,9 +77,7 @@ class NativeTranslator:
             return self._frame(b"done", _final(event))
         if isinstance(event, Failed):
             return self._frame(b"error", _Error(event.code, event.detail))
-        if isinstance(event, Queued):
-            return self._frame(b"queued", {"position": event.position})
-        return None
+        return self._frame(b"queued", {"position": event.position})
 
 
 def error_response(exc: GatewayError) -> Response:
@@ -141,9 +139,9 @@ class _Endpoint:
         if result is None:
             return  # the client left; nobody to answer
         if isinstance(result, Failed):
-            exc = GatewayError(result.detail)
-            exc.code, exc.status = result.code, _STATUS.get(result.code, 502)
-            await error_response(exc)(scope, receive_, send)
+            failure = GatewayError(result.detail)
+            failure.code, failure.status = result.code, _STATUS.get(result.code, 502)
+            await error_response(failure)(scope, receive_, send)
             return
         await Response(_encoder.encode(_final(result)), media_type="application/json")(
             scope, receive_, send

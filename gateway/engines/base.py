@@ -76,7 +76,7 @@ class Engine(abc.ABC):
     def open_session(self, options: SessionOptions) -> AbstractAsyncContextManager[Session]:
         """Wait for capacity (reporting queue positions), connect, and yield a ready session."""
 
-    def admit(self) -> None:
+    def admit(self) -> None:  # noqa: B027 - a hook: engines without a queue accept everything
         """Raise CapacityExhausted if a session opened now would be refused; called before the
         stream starts, so the client gets a 503 with Retry-After instead of an error event."""
 
@@ -88,5 +88,5 @@ class Engine(abc.ABC):
         """Figures for /readyz and /metrics (sessions, queue length, upstream health...)."""
         return {}
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - a hook: most engines hold nothing
         """Release engine-wide resources. Idempotent."""

@@ -250,4 +250,3 @@ class PocketSphinxEngine(Engine):
 
     async def aclose(self) -> None:
         self._idle.clear()
-

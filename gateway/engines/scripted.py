@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 import anyio
 
 from ..admission import Admission
-
 from ..config import ScriptedConfig
 from ..errors import UpstreamError
 from ..events import EngineUpdate, Segment
