@@ -1,0 +1,83 @@
+"""The `gateway` command as a user runs it: a real `serve` process and the `transcribe` client."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from audio_util import GOFORWARD
+from conftest import make_config, run_gateway
+
+pytestmark = pytest.mark.anyio
+
+GATEWAY = [sys.executable, "-m", "gateway.cli"]
+
+
+async def test_transcribe_client_prints_the_final_text(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with run_gateway(make_config(tmp_path)) as gw:
+            result = await trio.run_process(
+                [*GATEWAY, "transcribe", str(GOFORWARD), "--url", gw.url],
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+    assert result.returncode == 0, result.stderr
+    assert "forward" in result.stdout.decode()
+    # Non-tty progress lines show current/total seconds.
+    assert re.search(rb"\] +\d+\.\d/2\.8s", result.stderr)
+
+
+async def test_transcribe_client_reports_http_errors(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with run_gateway(make_config(tmp_path)) as gw:
+            result = await trio.run_process(
+                [*GATEWAY, "transcribe", str(GOFORWARD), "--url", gw.url, "--engine", "nope"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    assert result.returncode == 1 and b"UNKNOWN_ENGINE" in result.stderr
+
+
+async def test_serve_process_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
+    env = {**os.environ, "GATEWAY_STORE_PATH": str(tmp_path / "db.sqlite3")}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            proc = await nursery.start(
+                lambda task_status: trio.run_process(
+                    [*GATEWAY, "serve", "--bind", "127.0.0.1:0"],
+                    stderr=-1,  # subprocess.PIPE
+                    env=env,
+                    check=False,
+                    task_status=task_status,
+                )
+            )
+            buffer = b""
+            while (match := re.search(rb"serving on (http://\S+)", buffer)) is None:
+                chunk = await proc.stderr.receive_some()
+                assert chunk, buffer
+                buffer += chunk
+            url = match.group(1).decode()
+            async with httpx.AsyncClient(base_url=url) as c:
+                assert (await c.get("/healthz")).status_code == 200
+                assert (await c.get("/readyz")).json()["status"] == "ready"
+            proc.send_signal(signal.SIGTERM)
+            while await proc.stderr.receive_some():
+                pass
+            assert await proc.wait() == 0
+
+
+async def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "g.toml"
+    bad.write_text("[server]\nbnid = 'x'\n")
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [*GATEWAY, "serve", "--config", str(bad)], capture_stderr=True, check=False
+        )
+    assert result.returncode == 2 and b"bnid" in result.stderr
