@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -50,12 +52,12 @@ async def test_serve_process_answers_and_stops_on_sigterm(tmp_path: Path) -> Non
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             proc = await nursery.start(
-                lambda task_status: trio.run_process(
+                partial(
+                    trio.run_process,
                     [*GATEWAY, "serve", "--bind", "127.0.0.1:0"],
-                    stderr=-1,  # subprocess.PIPE
+                    stderr=subprocess.PIPE,
                     env=env,
                     check=False,
-                    task_status=task_status,
                 )
             )
             buffer = b""
