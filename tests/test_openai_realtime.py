@@ -557,6 +557,49 @@ async def test_6_transient_close_codes_are_retried(code: int) -> None:
     assert text_of(final) == "s1"
 
 
+async def test_6_exhausted_reconnects_mid_stream_reach_the_client_as_unavailable() -> None:
+    async def behave(conn: FakeConnection) -> None:
+        if conn.index == 0:
+            await conn.handshake()
+            await conn.expect(APPEND)
+            await conn.close(1011)
+        else:
+            await conn.close(1013)  # accepted, then refused before ready: a failed attempt
+
+    with trio.fail_after(600):
+        async with (
+            open_fake_server(behave) as server,
+            client_for(server, make_config(server, max_attempts=3), wait_ready=True) as client,
+        ):
+            await client.append(chunk(1))
+            with pytest.raises(UpstreamUnavailable, match="3 failed attempts"):
+                await final_update(client)
+    assert len(server.connections) == 1 + 3
+
+
+async def test_6_session_expired_error_reconnects_and_replays() -> None:
+    async def behave(conn: FakeConnection) -> None:
+        await conn.handshake()
+        if conn.index == 0:
+            await conn.expect(APPEND)
+            await conn.error("session_expired", "Your session hit the maximum duration.")
+            await trio.sleep_forever()
+        await conn.serve_transcripts()
+
+    with trio.fail_after(60):
+        async with (
+            open_fake_server(behave) as server,
+            client_for(server, make_config(server), wait_ready=True) as client,
+        ):
+            await client.append(chunk(1))
+            await server.wait_for(lambda: len(server.connections) == 2)
+            await client.append(chunk(2))
+            client.end()
+            final = await final_update(client)
+    assert text_of(final) == "s1 s2"
+    assert [f.code for f in server.frames_of(0) if f.kind == "close"] == [1000]
+
+
 @pytest.mark.parametrize(("code", "reason"), [(4000, "beta_api_shape_disabled"), (1008, "")])
 async def test_6_terminal_close_codes_are_not_retried(code: int, reason: str) -> None:
     async def behave(conn: FakeConnection) -> None:
@@ -618,7 +661,8 @@ async def _stop_scenario(phase: str) -> tuple[FakeOpenAIServer, float, dict[str,
                     await server.wait_for(
                         lambda: bool(server.connections) and server.connections[0].closed
                     )
-                    await trio.sleep(1)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert client.reconnects == 1 and client._conn is None  # backing off
                 elif phase == "pre_ready":
                     await server.wait_for(lambda: server.types_of(0) == [UPDATE])
                 elif phase == "mid_flush":
@@ -647,7 +691,7 @@ async def _stop_scenario(phase: str) -> tuple[FakeOpenAIServer, float, dict[str,
 
 @pytest.mark.parametrize("phase", ["backoff", "pre_ready", "mid_flush", "mid_send"])
 async def test_7_stop_clears_state_and_closes_within_the_deadline(phase: str) -> None:
-    server, elapsed, state = await _stop_scenario(phase)
+    server, elapsed, state = await _stop_scenario(phase)  # guarded by fail_after inside
     assert elapsed <= STOP_TIMEOUT + 1e-9
     assert state == {
         "lane_entries": 0,
@@ -883,7 +927,7 @@ async def test_10_out_of_order_completions_are_emitted_in_previous_item_id_order
 # -- 11. format --------------------------------------------------------------------------------
 
 
-async def test_11_session_resamples_16k_to_24k_and_buffer_cap_counts_raw_bytes(
+async def test_11_session_resamples_16k_to_24k_without_clicks_or_lost_samples(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(KEY_ENV, "sk-test")
@@ -909,6 +953,23 @@ async def test_11_session_resamples_16k_to_24k_and_buffer_cap_counts_raw_bytes(
     expected = [8000 * math.sin(2 * math.pi * 440 * i / 24000) for i in range(len(samples))]
     # Away from the filter's edges the output is the same sine at 24 kHz: no clicks.
     assert max(abs(a - b) for a, b in zip(samples[100:-100], expected[100:-100], strict=True)) < 200
+
+
+async def test_11_buffer_cap_counts_raw_pcm_bytes_not_base64() -> None:
+    cap = 10 * CHUNK  # base64 of this much audio would be 4/3 larger
+    with trio.fail_after(60):
+        async with (
+            open_fake_server(transcriber(updated_delay=5)) as server,
+            client_for(server, make_config(server, buffer_bytes=cap)) as client,
+        ):
+            for n in range(10):
+                await client.append(chunk(n))
+            assert client.dropped_bytes == 0 and client.state()["lane_bytes"] == cap
+            await client.append(chunk(10))
+            assert client.dropped_chunks == 1 and client.dropped_bytes == CHUNK
+            client.end()
+            await final_update(client)
+    assert server.appended_seqs(0) == list(range(1, 11))
 
 
 def test_11_resampler_chunking_is_invisible() -> None:
@@ -993,10 +1054,11 @@ async def test_engine_end_audio_with_server_vad_waits_for_outstanding_items(
 async def test_engine_without_api_key_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     engine = OpenAIRealtimeEngine("openai", OpenAIRealtimeConfig(api_key_env=KEY_ENV))
-    assert await engine.readiness() == f"environment variable {KEY_ENV} is not set"
-    with pytest.raises(UpstreamUnavailable, match=KEY_ENV):
-        async with engine.open_session(SessionOptions()):
-            pytest.fail("no key, no session")
+    with trio.fail_after(10):
+        assert await engine.readiness() == f"environment variable {KEY_ENV} is not set"
+        with pytest.raises(UpstreamUnavailable, match=KEY_ENV):
+            async with engine.open_session(SessionOptions()):
+                pytest.fail("no key, no session")
 
 
 async def test_engine_reports_queue_positions_past_max_sessions(
