@@ -52,6 +52,14 @@ Stop
     ``aclose`` (the end of ``open_session``, including on cancellation) clears the lane,
     ledgers, control lane, pending commits and flags at once, lets the frame in flight finish,
     closes with 1000, and after ``STOP_TIMEOUT`` cancels whatever is left and drops the socket.
+    The connection tasks run in a shielded scope that only ``aclose`` cancels, so a cancelled
+    caller still gets this orderly stop rather than a frame cut in half.
+
+Memory, per session
+    The data lane holds at most ``buffer_bytes`` while not ready and ``SEND_QUEUE_BYTES`` (plus
+    one chunk) while ready; the ledger is trimmed to ``buffer_bytes`` (audio trimmed from it can
+    no longer be replayed and is counted as ``unreplayable_bytes``). With the 8 MiB default that
+    is at most about 16 MiB of PCM, plus trio-websocket's one-message receive queue.
 """
 
 from __future__ import annotations
@@ -682,6 +690,8 @@ class RealtimeClient:
                         self._finish_timed_out()
                 if session_scope.cancelled_caught:
                     self._fail(Timeout(f"session exceeded {self._cfg.session_timeout:g} s"))
+            if not (self._finished or self._closing or self._error is not None):
+                self._fail(UpstreamError("the upstream session ended unexpectedly"))
         finally:
             self._conn = None
             self._clear_state()
@@ -816,7 +826,12 @@ class RealtimeClient:
             failure = _rejected(exc)
         except HandshakeError as exc:
             failure = _Retry(f"cannot connect to {self._cfg.url}: {exc!r}")
-        except (ConnectionClosed, OSError, trio.BrokenResourceError) as exc:
+        except (
+            ConnectionClosed,
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ) as exc:
             failure = _Retry(f"connection failed: {exc!r}")
         except Exception as exc:
             log.exception("%s: cannot use upstream %s", self._label, self._cfg.url)
