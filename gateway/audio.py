@@ -299,7 +299,6 @@ class PcmDecoder:
         self._packets = self._container.demux(self._stream)
         self._pending = bytearray()
         self._eof = False
-        self.decoded_bytes = 0
 
     @property
     def duration(self) -> float | None:
@@ -335,7 +334,6 @@ class PcmDecoder:
         n = min(max_bytes, len(self._pending)) & ~1
         out = bytes(self._pending[:n])
         del self._pending[:n]
-        self.decoded_bytes += n
         return out
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -50,19 +51,14 @@ def transcode(src: Path, dst: Path, fmt: str) -> Path:
         stream.layout = layout
         resampler = av.AudioResampler(format=stream.format.name, layout=layout, rate=rate)
         pts = 0
-        for frame in inp.decode(audio=0):
+        # A final None flushes the resampler.
+        for frame in itertools.chain(inp.decode(audio=0), [None]):
             for f in resampler.resample(frame):
                 f.pts = pts
                 f.time_base = Fraction(1, rate)
                 pts += f.samples
                 for packet in stream.encode(f):
                     out.mux(packet)
-        for f in resampler.resample(None):
-            f.pts = pts
-            f.time_base = Fraction(1, rate)
-            pts += f.samples
-            for packet in stream.encode(f):
-                out.mux(packet)
         for packet in stream.encode(None):
             out.mux(packet)
     return dst
