@@ -19,8 +19,12 @@ import msgspec
 from .errors import ConfigError
 
 __all__ = [
+    "AuthConfig",
+    "AymurAIConfig",
     "Config",
     "EngineConfig",
+    "LogConfig",
+    "OpenAIConfig",
     "OpenAIRealtimeConfig",
     "PocketSphinxConfig",
     "ScriptedConfig",
@@ -48,10 +52,63 @@ class ServerConfig(_Section, frozen=True):
     certfile: str = ""
     keyfile: str = ""
     hypercorn_config: str = ""
+    # Proxies in front of the gateway whose X-Forwarded-For/-Proto are trusted; 0 trusts none.
+    trusted_hops: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Slow-loris limits: seconds to receive the request headers, and the longest gap between
+    # two pieces of a request body.
+    header_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    body_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # The longest a transcription may run, queueing included; past it the stream ends with TIMEOUT.
+    max_session_seconds: Annotated[float, msgspec.Meta(gt=0)] = 4 * 3600.0
+    # On SIGTERM: seconds in-flight streams get to finish before they end with SHUTTING_DOWN.
+    shutdown_grace: PositiveFloat = 30.0
 
 
 class StoreConfig(_Section, frozen=True):
     path: str = "data/gateway.sqlite3"
+
+
+def _default_aliases() -> dict[str, str]:
+    return {
+        name: ""
+        for name in (
+            "whisper-1",
+            "gpt-4o-transcribe",
+            "gpt-4o-mini-transcribe",
+            "gpt-4o-transcribe-diarize",
+        )
+    }
+
+
+class OpenAIConfig(_Section, frozen=True):
+    """The OpenAI-compatible ``/v1/audio/transcriptions`` front API."""
+
+    # OpenAI model names mapped to engine names; "" means the default engine.
+    aliases: dict[str, str] = msgspec.field(default_factory=_default_aliases)
+    # End every stream with ``data: [DONE]`` (some clients expect it; the openai SDK does not).
+    done_sentinel: bool = False
+
+
+class AymurAIConfig(_Section, frozen=True):
+    """The AymurAI ``/asr`` compatibility profile."""
+
+    # Engine for this profile's requests; "" means the default engine.
+    engine: str = ""
+
+
+class AuthConfig(_Section, frozen=True):
+    # File of salted key hashes, one tenant per key (``gateway keys add``); "" disables auth.
+    keys_file: str = ""
+    # Also require a key for /metrics.
+    protect_metrics: bool = False
+    # Concurrent transcriptions per tenant; more get 429. 0 means unlimited.
+    max_streams_per_tenant: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class LogConfig(_Section, frozen=True):
+    # "json": one JSON object per line; "text": human-readable lines.
+    format: Literal["json", "text"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class _EngineBase(_Section, frozen=True, tag_field="kind"):
@@ -138,12 +195,22 @@ class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     engines: dict[str, EngineConfig] = msgspec.field(default_factory=_default_engines)
+    openai: OpenAIConfig = msgspec.field(default_factory=OpenAIConfig)
+    aymurai: AymurAIConfig = msgspec.field(default_factory=AymurAIConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         if self.server.default_engine not in self.engines:
             raise ValueError(
                 f"server.default_engine {self.server.default_engine!r} is not a configured engine"
             )
+        for where, name in [
+            *((f"openai.aliases[{alias!r}]", e) for alias, e in self.openai.aliases.items()),
+            ("aymurai.engine", self.aymurai.engine),
+        ]:
+            if name and name not in self.engines:
+                raise ValueError(f"{where}: {name!r} is not a configured engine")
 
 
 def _env_value(raw: str) -> Any:

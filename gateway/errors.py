@@ -11,12 +11,16 @@ module with ``raise ... from exc``.
     ├── BadRequest                    BAD_REQUEST            400
     │   ├── MissingFile               MISSING_FILE           400
     │   ├── EmptyFile                 EMPTY_FILE             400
-    │   └── InvalidOption             INVALID_OPTION         400
+    │   ├── InvalidOption             INVALID_OPTION         400
+    │   └── InvalidBody               INVALID_BODY           400
+    ├── Unauthorized                  UNAUTHORIZED           401
+    ├── RequestTimeout                REQUEST_TIMEOUT        408
     ├── PayloadTooLarge               PAYLOAD_TOO_LARGE      413
     ├── UnsupportedMediaType          UNSUPPORTED_MEDIA_TYPE 415
     ├── DecodeError                   DECODE_ERROR           415
     ├── NotFound                      NOT_FOUND              404
     │   └── UnknownEngine             UNKNOWN_ENGINE         404
+    ├── TooManyStreams                TOO_MANY_STREAMS       429 (+ Retry-After)
     ├── CapacityExhausted             CAPACITY_EXHAUSTED     503 (+ Retry-After)
     ├── CapacityTimeout               CAPACITY_TIMEOUT       503
     ├── EngineError
@@ -47,13 +51,17 @@ __all__ = [
     "EngineError",
     "GatewayError",
     "InternalError",
+    "InvalidBody",
     "InvalidOption",
     "MissingFile",
     "NotFound",
     "PayloadTooLarge",
+    "RequestTimeout",
     "ShuttingDown",
     "StoreError",
     "Timeout",
+    "TooManyStreams",
+    "Unauthorized",
     "UnknownEngine",
     "UnsupportedMediaType",
     "UpstreamError",
@@ -88,6 +96,22 @@ class EmptyFile(BadRequest):
 
 class InvalidOption(BadRequest):
     code = "INVALID_OPTION"
+
+
+class InvalidBody(BadRequest):
+    code = "INVALID_BODY"
+
+
+class Unauthorized(GatewayError):
+    code, status = "UNAUTHORIZED", 401
+
+
+class RequestTimeout(GatewayError):
+    code, status = "REQUEST_TIMEOUT", 408
+
+
+class TooManyStreams(GatewayError):
+    code, status = "TOO_MANY_STREAMS", 429
 
 
 class PayloadTooLarge(GatewayError):

@@ -29,10 +29,15 @@ class Word(msgspec.Struct, frozen=True, array_like=True):
     word: str
 
 
-class Segment(msgspec.Struct, frozen=True):
+class Segment(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A stretch of transcript; ``speaker``/``speaker_name`` come from diarising engines or from
+    human corrections, and are left out of the JSON when unknown."""
+
     start: float
     end: float
     text: str
+    speaker: int | None = None
+    speaker_name: str | None = None
 
 
 class EngineUpdate(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,6 +90,8 @@ class Progress(msgspec.Struct, frozen=True):
 class Done(msgspec.Struct, frozen=True):
     transcript: Transcript
     cached: bool
+    # The transcript carries human corrections (only ever on a cache hit).
+    corrected: bool = False
 
 
 class Failed(msgspec.Struct, frozen=True):

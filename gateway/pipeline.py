@@ -264,15 +264,17 @@ async def run_job(job: Job, outbox: Outbox) -> None:
     try:
         if job.use_cache:
             stored = await job.store.get(job.upload.id, job.tenant)
-            if (
-                stored is not None
-                and stored.text.strip()
-                and stored.engine == engine
-                and stored.language == job.language
+            # A human-corrected transcript is served whatever engine made it; a machine one only
+            # to requests for the same engine and language, and never when it is empty.
+            if stored is not None and (
+                stored.corrected is not None
+                or (stored.engine == engine and stored.language == job.language)
             ):
-                outbox.put(Done(stored.transcript(), cached=True))
-                outcome = "CACHED"
-                return
+                cached = stored.transcript(corrections=True)
+                if cached.text:
+                    outbox.put(Done(cached, cached=True, corrected=stored.corrected is not None))
+                    outcome = "CACHED"
+                    return
         transcript = await _transcribe(job, outbox)
         await job.store.save(transcript, job.tenant)
         duration = transcript.total_time or transcript.current_time

@@ -16,6 +16,7 @@ import os
 import queue
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import msgspec
 from .errors import StoreError, collapse_groups
 from .events import Segment, Transcript, Word
 
-__all__ = ["SCHEMA_VERSION", "Store", "StoredTranscript", "open_store"]
+__all__ = ["SCHEMA_VERSION", "Store", "StoredTranscript", "content_uuid", "open_store"]
 
 T = TypeVar("T")
 
@@ -50,12 +51,24 @@ _MIGRATIONS = [
         PRIMARY KEY (tenant, id)
     ) WITHOUT ROWID;
     """,
+    # 2: the UUID form of each id (uuid5 over the DNS namespace), which the AymurAI profile
+    # exposes as its document_id.
+    """
+    ALTER TABLE transcripts ADD COLUMN uuid TEXT NOT NULL DEFAULT '';
+    UPDATE transcripts SET uuid = content_uuid(id);
+    CREATE INDEX transcripts_uuid ON transcripts (tenant, uuid);
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _segments_enc = msgspec.json.Encoder()
 _segments_dec = msgspec.json.Decoder(tuple[Segment, ...])
 _words_dec = msgspec.json.Decoder(tuple[Word, ...])
+
+
+def content_uuid(id: str) -> str:
+    """The UUID form of a content id: ``uuid5(NAMESPACE_DNS, id)``."""
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, id))
 
 
 class StoredTranscript(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,15 +83,23 @@ class StoredTranscript(msgspec.Struct, frozen=True, kw_only=True):
     corrected: tuple[Segment, ...] | None = None
     corrected_at: float | None = None
 
-    def transcript(self) -> Transcript:
-        """The machine transcript, as a final snapshot."""
+    @property
+    def uuid(self) -> str:
+        return content_uuid(self.id)
+
+    def transcript(self, *, corrections: bool = False) -> Transcript:
+        """The stored transcript as a final snapshot: the machine's, or with ``corrections`` the
+        human-corrected segments when there are any."""
+        segments = self.segments
+        if corrections and self.corrected is not None:
+            segments = self.corrected
         return Transcript(
             id=self.id,
-            segments=self.segments,
-            committed=len(self.segments),
-            current_time=self.duration or (self.segments[-1].end if self.segments else 0.0),
+            segments=segments,
+            committed=len(segments),
+            current_time=self.duration or (segments[-1].end if segments else 0.0),
             total_time=self.duration,
-            words=self.words,
+            words=self.words if segments is self.segments else (),
             engine=self.engine,
             language=self.language,
         )
@@ -96,6 +117,7 @@ def _connect(path: str) -> sqlite3.Connection:
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    conn.create_function("content_uuid", 1, content_uuid, deterministic=True)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
@@ -106,7 +128,8 @@ def _connect(path: str) -> sqlite3.Connection:
     for number, sql in enumerate(_MIGRATIONS[version:], start=version + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(sql)
+            for statement in filter(str.strip, sql.split(";")):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
@@ -192,6 +215,7 @@ class Store:
         params = (
             tenant,
             transcript.id,
+            content_uuid(transcript.id),
             transcript.engine,
             transcript.language,
             _segments_enc.encode(transcript.segments),
@@ -203,8 +227,8 @@ class Store:
 
         def q(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO transcripts (tenant, id, engine, language, segments, words, text,"
-                " duration, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO transcripts (tenant, id, uuid, engine, language, segments, words,"
+                " text, duration, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (tenant, id) DO UPDATE SET engine = excluded.engine,"
                 " language = excluded.language, segments = excluded.segments,"
                 " words = excluded.words, text = excluded.text, duration = excluded.duration,"
@@ -213,6 +237,17 @@ class Store:
             )
 
         await self._call(q)
+
+    async def find_uuid(self, uuid: str, tenant: str = "") -> str | None:
+        """The id whose UUID form is ``uuid``, if that transcript is stored."""
+
+        def q(conn: sqlite3.Connection) -> Any:
+            return conn.execute(
+                "SELECT id FROM transcripts WHERE tenant = ? AND uuid = ?", (tenant, uuid)
+            ).fetchone()
+
+        row = await self._call(q)
+        return None if row is None else str(row[0])
 
     async def set_corrections(
         self, id: str, segments: tuple[Segment, ...], tenant: str = ""

@@ -53,7 +53,15 @@ async def test_stream_embedded_engine_live_then_done(tmp_path: Path) -> None:
     assert all(s["total_time"] == pytest.approx(24.73, abs=0.01) for s in snapshots)
     done = events[-1].data
     assert done["cached"] is False
-    assert set(done) == {"id", "segments", "text", "current_time", "total_time", "cached"}
+    assert set(done) == {
+        "id",
+        "segments",
+        "text",
+        "current_time",
+        "total_time",
+        "cached",
+        "corrected",
+    }
     for word in ("consider", "respectable", "amiable", "selfish"):
         assert word in done["text"]
     assert done["text"] == " ".join(s["text"] for s in done["segments"])
@@ -439,3 +447,58 @@ async def test_keepalive_over_a_real_socket(tmp_path: Path) -> None:
     # The first update comes 0.5 s after the start: keepalives every 50 ms fill the silence.
     first = labels.index("transcription")
     assert first >= 3 and set(labels[:first]) == {"keepalive"}
+
+
+async def test_corrections_replace_the_transcript_everywhere_and_survive_retranscription(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, engines=engines(fake=scripted(words=["helo", "wrld"])))
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            params = {"engine": "fake"}
+            done = (
+                await c.post("/v1/transcriptions", params=params, files=upload(GOFORWARD))
+            ).json()
+            base = f"/v1/transcriptions/{done['id']}"
+            fixed = [
+                {"start": 0.0, "end": 1.0, "text": "Hello", "speaker": 1, "speaker_name": "Ana"},
+                {"start": 1.0, "end": 2.0, "text": "world."},
+            ]
+            put = await c.put(base + "/corrections", json={"segments": fixed})
+            assert put.status_code == 200
+            assert put.json()["corrected"] is True and put.json()["text"] == "Hello world."
+            assert put.json()["segments"] == fixed
+            assert (await c.get(base, params={"format": "txt"})).text == "Hello world.\n"
+            srt = (await c.get(base, params={"format": "srt"})).text
+            assert (
+                srt
+                == "1\n00:00:00,000 --> 00:00:01,000\nHello\n\n2\n00:00:01,000 --> 00:00:02,000\nworld.\n\n"
+            )
+            # A cache hit serves the corrected version, flagged.
+            hit = (
+                await c.post("/v1/transcriptions", params=params, files=upload(GOFORWARD))
+            ).json()
+            assert hit["cached"] is True and hit["corrected"] is True
+            assert hit["text"] == "Hello world."
+            # Transcribing again returns the machine's text and keeps the corrections.
+            again = await c.post(
+                "/v1/transcriptions",
+                params={**params, "use_cache": "false"},
+                files=upload(GOFORWARD),
+            )
+            assert again.json()["text"] == "helo wrld" and again.json()["corrected"] is False
+            assert (await c.get(base)).json()["text"] == "Hello world."
+            # Bad bodies are 400 INVALID_BODY and change nothing; unknown ids are 404.
+            for body in (
+                b"not json",
+                b'{"segments": [{"start": 2, "end": 1, "text": "x"}]}',
+                b'{"segments": "x"}',
+                b'{"segs": []}',
+            ):
+                bad = await c.put(base + "/corrections", content=body)
+                assert bad.status_code == 400 and bad.json()["error"]["code"] == "INVALID_BODY"
+            assert (await c.get(base)).json()["segments"] == fixed
+            missing = await c.put(
+                "/v1/transcriptions/" + "0" * 32 + "/corrections", json={"segments": []}
+            )
+            assert missing.status_code == 404

@@ -84,3 +84,52 @@ async def test_closed_store_refuses_work(tmp_path: Path) -> None:
             pass
         with pytest.raises(StoreError):
             await store.get("a")
+
+
+async def test_uuid_form_finds_the_id_per_tenant(tmp_path: Path) -> None:
+    # The AymurAI test vector: uuid5(DNS, blake2b(b"hello", digest_size=16).hexdigest()).
+    import hashlib
+
+    from gateway.store import content_uuid
+
+    id = hashlib.blake2b(b"hello", digest_size=16).hexdigest()
+    assert content_uuid(id) == "6270dbbc-5c59-513c-99ad-d9a25ffdcf0b"
+    with trio.fail_after(10):
+        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+            await store.save(transcript(id, "hi"), tenant="t1")
+            assert await store.find_uuid(content_uuid(id), tenant="t1") == id
+            assert await store.find_uuid(content_uuid(id), tenant="t2") is None
+
+
+async def test_version_1_database_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
+    from gateway.store import _MIGRATIONS, content_uuid
+
+    path = tmp_path / "g.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(_MIGRATIONS[0])
+    conn.execute(
+        "INSERT INTO transcripts (tenant, id, engine, segments, words, text, created_at)"
+        " VALUES ('', 'abc', 'e', '[]', '[]', 'old', 1.0)"
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with trio.fail_after(10):
+        async with open_store(str(path)) as store:
+            got = await store.get("abc")
+            assert got is not None and got.text == "old"
+            assert await store.find_uuid(content_uuid("abc")) == "abc"
+
+
+async def test_corrections_view_replaces_segments_and_flags_nothing_else(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+            await store.save(transcript("a", "helo"))
+            got = await store.get("a")
+            assert got is not None and got.transcript(corrections=True).text == "helo"
+            fixed = (Segment(0.0, 1.0, "Hello.", speaker=1, speaker_name="Jueza"),)
+            await store.set_corrections("a", fixed)
+            got = await store.get("a")
+    assert got is not None
+    assert got.transcript().text == "helo"
+    assert got.transcript(corrections=True).segments == fixed

@@ -24,7 +24,15 @@ from ..pipeline import KEEPALIVE, Job, Outbox, keepalive, run_job
 if TYPE_CHECKING:
     from ..app import GatewayState
 
-__all__ = ["SSE_HEADERS", "SSEStream", "Translator", "parse_bool", "prepare_job", "run_to_end"]
+__all__ = [
+    "SSE_HEADERS",
+    "SSEStream",
+    "Translator",
+    "parse_bool",
+    "prepare_job",
+    "run_to_end",
+    "tenant_of",
+]
 
 log = logging.getLogger("gateway.api")
 
@@ -38,6 +46,12 @@ class Translator(Protocol):
 
     def encode(self, event: StreamEvent) -> bytes | None:
         """The wire frame(s) for one event, or None to send nothing for it."""
+
+
+def tenant_of(request: Request) -> str:
+    """The tenant the auth middleware resolved for this request ("" when auth is off)."""
+    tenant: str = request.scope.get("state", {}).get("tenant", "")
+    return tenant
 
 
 def parse_bool(name: str, value: str, default: bool) -> bool:

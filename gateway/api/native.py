@@ -11,9 +11,18 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .. import exports
-from ..errors import GatewayError, InvalidOption, NotFound
+from ..errors import GatewayError, InvalidBody, InvalidOption, NotFound, PayloadTooLarge
 from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript
-from .common import SSEStream, check_engine, option, parse_bool, prepare_job, receive, run_to_end
+from .common import (
+    SSEStream,
+    check_engine,
+    option,
+    parse_bool,
+    prepare_job,
+    receive,
+    run_to_end,
+    tenant_of,
+)
 
 if TYPE_CHECKING:
     from ..app import GatewayState
@@ -31,6 +40,7 @@ class _Snapshot(msgspec.Struct):
 
 class _Final(_Snapshot):
     cached: bool
+    corrected: bool
 
 
 class _StoredView(_Snapshot):
@@ -58,7 +68,9 @@ def _snapshot(t: Transcript) -> _Snapshot:
 
 def _final(done: Done) -> _Final:
     t = done.transcript
-    return _Final(t.id, t.segments, t.text, t.current_time, t.total_time, done.cached)
+    return _Final(
+        t.id, t.segments, t.text, t.current_time, t.total_time, done.cached, done.corrected
+    )
 
 
 class NativeTranslator:
@@ -114,6 +126,7 @@ async def _job(request: Request) -> tuple[GatewayState, object]:
         engine_name=engine,
         language=option(request, upload, "language"),
         use_cache=use_cache,
+        tenant=tenant_of(request),
     )
     return state, job
 
@@ -166,7 +179,7 @@ async def get_transcript(request: Request) -> Response:
     try:
         if fmt not in exports.FORMATS:
             raise InvalidOption(f"format must be one of {', '.join(exports.FORMATS)}")
-        stored = await state.store.get(request.path_params["id"])
+        stored = await state.store.get(request.path_params["id"], tenant_of(request))
         if stored is None:
             raise NotFound("no transcript with this id")
     except GatewayError as exc:
@@ -193,9 +206,58 @@ async def get_transcript(request: Request) -> Response:
     return Response(_encoder.encode(view), media_type="application/json")
 
 
+# A corrections body is a list of segments: 1 MiB holds hours of text.
+MAX_CORRECTIONS_BYTES = 1024 * 1024
+
+
+class _Corrections(msgspec.Struct, forbid_unknown_fields=True):
+    segments: list[Segment]
+
+
+_corrections = msgspec.json.Decoder(_Corrections)
+
+
+def parse_segments(segments: list[Segment]) -> tuple[Segment, ...]:
+    """Check human-made segments: times finite, non-negative and ordered within a segment."""
+    for i, s in enumerate(segments):
+        if not (0 <= s.start <= s.end < float("inf")):
+            raise InvalidBody(f"segments[{i}]: need 0 <= start <= end, got {s.start}, {s.end}")
+    return tuple(segments)
+
+
+async def read_json_body(request: Request, limit: int = MAX_CORRECTIONS_BYTES) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    return bytes(body)
+
+
+async def put_corrections(request: Request) -> Response:
+    """Store human corrections; later GETs and cache hits return them, flagged ``corrected``."""
+    state = _state(request)
+    try:
+        try:
+            body = _corrections.decode(await read_json_body(request))
+        except msgspec.ValidationError as exc:
+            raise InvalidBody(f"invalid corrections: {exc}") from exc
+        except msgspec.DecodeError as exc:
+            raise InvalidBody(f"the body is not JSON: {exc}") from exc
+        segments = parse_segments(body.segments)
+        if not await state.store.set_corrections(
+            request.path_params["id"], segments, tenant_of(request)
+        ):
+            raise NotFound("no transcript with this id")
+    except GatewayError as exc:
+        return error_response(exc)
+    return await get_transcript(request)
+
+
 def routes() -> list[Route]:
     return [
         Route("/v1/transcriptions/stream", _Endpoint(streaming=True), methods=["POST"]),
         Route("/v1/transcriptions", _Endpoint(streaming=False), methods=["POST"]),
         Route("/v1/transcriptions/{id}", get_transcript, methods=["GET"]),
+        Route("/v1/transcriptions/{id}/corrections", put_corrections, methods=["PUT"]),
     ]
