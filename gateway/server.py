@@ -8,13 +8,15 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.middleware import ProxyFixMiddleware
 from hypercorn.trio import serve as hypercorn_serve
+from starlette.types import ASGIApp
 
 from .app import create_app
 from .config import Config
 from .errors import ConfigError
 
-__all__ = ["hypercorn_config", "serve"]
+__all__ = ["asgi_app", "hypercorn_config", "serve"]
 
 # Keys of hypercorn.toml that we accept; hypercorn itself silently keeps misspelled ones.
 _HYPERCORN_KEYS = {
@@ -22,6 +24,23 @@ _HYPERCORN_KEYS = {
     for name in dir(HypercornConfig)
     if not name.startswith("_") and not callable(getattr(HypercornConfig, name, None))
 } | {"bind", "insecure_bind", "quic_bind", "certfile", "keyfile", "ca_certs", "alpn_protocols"}
+# Keys of hypercorn.toml that would fight our own settings, and why.
+_REFUSED_KEYS = {
+    "keep_alive_timeout": "it is set from server.header_timeout",
+    "ssl_handshake_timeout": "it is set from server.header_timeout",
+    "read_timeout": "it would cut SSE streams whose client sends nothing while it reads",
+}
+
+
+def asgi_app(config: Config, app: ASGIApp | None = None) -> ASGIApp:
+    """The app as served: ``app`` (by default a new :func:`create_app`) behind hypercorn's proxy
+    fix when ``server.trusted_hops`` > 0, so that the scope's client and scheme are the ones the
+    trusted proxies saw (their X-Forwarded-For/-Proto, counted from the right)."""
+    inner = app if app is not None else create_app(config)
+    hops = config.server.trusted_hops
+    if hops == 0:
+        return inner
+    return ProxyFixMiddleware(inner, mode="legacy", trusted_hops=hops)  # type: ignore[arg-type,return-value]
 
 
 def hypercorn_config(config: Config, bind: str | None = None) -> HypercornConfig:
@@ -38,6 +57,9 @@ def hypercorn_config(config: Config, bind: str | None = None) -> HypercornConfig
         unknown = sorted(set(data) - _HYPERCORN_KEYS)
         if unknown:
             raise ConfigError(f"{path}: unknown hypercorn setting(s): {', '.join(unknown)}")
+        refused = [f"{k} ({_REFUSED_KEYS[k]})" for k in sorted(set(data) & _REFUSED_KEYS.keys())]
+        if refused:
+            raise ConfigError(f"{path}: setting(s) refused here: {', '.join(refused)}")
         hc = HypercornConfig.from_mapping(data)
     hc.bind = [bind or config.server.bind]
     if config.server.certfile or config.server.keyfile:
@@ -46,6 +68,11 @@ def hypercorn_config(config: Config, bind: str | None = None) -> HypercornConfig
         hc.certfile = config.server.certfile
         hc.keyfile = config.server.keyfile
     hc.alpn_protocols = ["h2", "http/1.1"]
+    # Hypercorn's idle timer runs from the connection's start (after the TLS handshake) or the end
+    # of its previous response until a request's headers are complete, however slowly bytes trickle
+    # in: that is the slow-loris header limit, and the idle keep-alive limit at once.
+    hc.keep_alive_timeout = config.server.header_timeout
+    hc.ssl_handshake_timeout = config.server.header_timeout
     hc.accesslog = None
     return hc
 
@@ -58,9 +85,8 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns (or forever); reports the bound URLs when started."""
-    app = create_app(config)
     await hypercorn_serve(
-        app,  # type: ignore[arg-type]
+        asgi_app(config),  # type: ignore[arg-type]
         hypercorn_config(config, bind),
         shutdown_trigger=shutdown_trigger,
         task_status=task_status,

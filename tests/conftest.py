@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from gateway.app import GatewayState, create_app
 from gateway.config import Config
-from gateway.server import hypercorn_config
+from gateway.server import asgi_app, hypercorn_config
 
 
 @pytest.fixture
@@ -50,13 +50,20 @@ def make_config(tmp_path: Path, **sections: Any) -> Config:
 
 
 @asynccontextmanager
-async def run_gateway(config: Config) -> AsyncIterator[Gateway]:
+async def run_gateway(
+    config: Config, *, wrap: Callable[[Any], Any] | None = None
+) -> AsyncIterator[Gateway]:
+    """Serve ``config`` as ``gateway serve`` does (proxy fix included) on a free loopback port.
+
+    ``wrap`` puts test middleware (e.g. a scope spy) around the app, inside the proxy fix.
+    """
     app = create_app(config)
     stop = trio.Event()
+    served = asgi_app(config, wrap(app) if wrap is not None else app)
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(
             lambda task_status: hypercorn_serve(
-                app,
+                served,
                 hypercorn_config(config, "127.0.0.1:0"),
                 shutdown_trigger=stop.wait,
                 task_status=task_status,
@@ -93,3 +100,11 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[SSE]:
 
 async def collect(response: httpx.Response) -> list[SSE]:
     return [e async for e in sse_events(response)]
+
+
+async def wait_until(predicate: Callable[[], bool], poll: float = 0.01) -> None:
+    """Poll an observable state until it holds; callers bound the wait with trio.fail_after."""
+    while True:
+        if predicate():
+            return
+        await trio.sleep(poll)

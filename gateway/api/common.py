@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from ..audio import Upload, open_decoder, receive_upload
-from ..errors import InvalidOption, UnknownEngine, UpstreamUnavailable
+from ..errors import InvalidOption, RequestTimeout, UnknownEngine, UpstreamUnavailable
 from ..events import Done, Failed, StreamEvent
 from ..pipeline import KEEPALIVE, Job, Outbox, keepalive, run_job
 
@@ -65,10 +66,18 @@ def parse_bool(name: str, value: str, default: bool) -> bool:
     raise InvalidOption(f"{name} must be true or false, got {value!r}")
 
 
-async def _body(request: Request) -> AsyncGenerator[bytes, None]:
-    async for chunk in request.stream():
-        if chunk:
-            yield chunk
+async def _body(request: Request, max_gap: float) -> AsyncGenerator[bytes, None]:
+    """The body's chunks; RequestTimeout when none arrives for ``max_gap`` seconds (slow loris)."""
+    async with aclosing(request.stream()) as chunks:
+        while True:
+            with anyio.move_on_after(max_gap) as scope:
+                chunk = await anext(chunks, None)
+            if scope.cancelled_caught:
+                raise RequestTimeout(f"no request body data for {max_gap:g} s")
+            if chunk is None:
+                return
+            if chunk:
+                yield chunk
 
 
 async def receive(request: Request, state: GatewayState) -> Upload:
@@ -76,7 +85,7 @@ async def receive(request: Request, state: GatewayState) -> Upload:
     return await receive_upload(
         request.headers.get("content-type", ""),
         int(length) if length and length.isdigit() else None,
-        _body(request),
+        _body(request, state.config.server.body_timeout),
         max_bytes=state.config.server.max_upload_bytes,
         spool_dir=state.config.server.spool_dir or None,
     )

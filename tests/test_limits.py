@@ -1,0 +1,175 @@
+"""Slow-loris limits on a real hypercorn, driven by raw trio sockets on loopback:
+``server.header_timeout`` (hypercorn's idle timer) and ``server.body_timeout`` (the gateway's
+per-chunk body deadline, 408 REQUEST_TIMEOUT), plus how hypercorn.toml maps onto them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from audio_util import GOFORWARD
+from conftest import collect, make_config, run_gateway, wait_until
+
+from gateway.config import load_config
+from gateway.errors import ConfigError
+from gateway.server import hypercorn_config
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).parent.parent
+STREAM = "/v1/transcriptions/stream"
+
+
+def engines(**kw: object) -> dict[str, object]:
+    return {"fake": {"kind": "scripted", **kw}}
+
+
+def limits(tmp_path: Path, **server: object) -> dict[str, object]:
+    (tmp_path / "spool").mkdir(exist_ok=True)
+    return {"default_engine": "fake", "spool_dir": str(tmp_path / "spool"), **server}
+
+
+async def connect(url: str) -> trio.SocketStream:
+    host, port = url.removeprefix("http://").split(":")
+    return await trio.open_tcp_stream(host, int(port))
+
+
+async def read_all(stream: trio.SocketStream) -> bytes:
+    """Everything the server sends until it closes the connection (a reset counts as closed)."""
+    data = b""
+    try:
+        while chunk := await stream.receive_some():
+            data += chunk
+    except trio.BrokenResourceError:
+        pass
+    return data
+
+
+async def test_headers_that_trickle_in_are_cut_at_header_timeout(tmp_path: Path) -> None:
+    config = make_config(tmp_path, server=limits(tmp_path, header_timeout=0.5), engines=engines())
+    with trio.fail_after(20):
+        async with run_gateway(config) as gw:
+            stream = await connect(gw.url)
+            sent = 0
+            async with trio.open_nursery() as nursery:
+
+                async def trickle() -> None:
+                    # One header line every 50 ms: always busy, never finished.
+                    nonlocal sent
+                    await stream.send_all(f"POST {STREAM} HTTP/1.1\r\nHost: x\r\n".encode())
+                    try:
+                        while True:
+                            await stream.send_all(f"X-Slow-{sent}: y\r\n".encode())
+                            sent += 1
+                            await trio.sleep(0.05)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+
+                nursery.start_soon(trickle)
+                # Well under hypercorn's own 5 s default: it is header_timeout that acts.
+                with trio.fail_after(4):
+                    received = await read_all(stream)
+                nursery.cancel_scope.cancel()
+            await stream.aclose()
+            # The connection is usable again for a client that sends its request at once.
+            async with httpx.AsyncClient(base_url=gw.url) as c:
+                assert (await c.get("/healthz")).status_code == 200
+    # Closed without a response, while the client was still sending header lines.
+    assert received == b""
+    assert sent > 1
+
+
+async def test_a_stream_outlives_header_timeout(tmp_path: Path) -> None:
+    # The idle timer stops once the headers are in: a stream may run far longer than it.
+    config = make_config(
+        tmp_path,
+        server=limits(tmp_path, header_timeout=0.2, keepalive=0),
+        engines=engines(words=["a", "b", "c"], seconds_per_word=1.0, delay=0.3),
+    )
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            files = {"file": (GOFORWARD.name, GOFORWARD.read_bytes(), "audio/wav")}
+            async with c.stream("POST", STREAM, files=files) as r:
+                assert r.status_code == 200
+                events = await collect(r)
+    assert [e.event for e in events][-1] == "done"
+    assert events[-1].data["text"] == "a b c"
+    assert len([e for e in events if e.event == "transcription"]) >= 3
+
+
+async def test_a_stalled_body_gets_408_and_its_spool_file_is_removed(tmp_path: Path) -> None:
+    config = make_config(tmp_path, server=limits(tmp_path, body_timeout=0.5), engines=engines())
+    spool = tmp_path / "spool"
+    body = GOFORWARD.read_bytes()
+    with trio.fail_after(20):
+        async with run_gateway(config) as gw:
+            stream = await connect(gw.url)
+            head = (
+                f"POST {STREAM} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            await stream.send_all(head.encode() + body[:4096])
+            # The upload is being spooled...
+            await wait_until(lambda: any(spool.iterdir()))
+            # ...and then the client stalls, connection open.
+            response = await read_all(stream)
+            await stream.aclose()
+            # Still serving: the same upload sent at once is transcribed.
+            async with httpx.AsyncClient(base_url=gw.url) as c:
+                ok = await c.post(
+                    "/v1/transcriptions", content=body, headers={"content-type": "audio/wav"}
+                )
+    status_line, _, rest = response.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 408 "
+    payload = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert payload["error"]["code"] == "REQUEST_TIMEOUT"
+    assert ok.status_code == 200 and ok.json()["text"] == "hello world"
+    assert list(spool.iterdir()) == []
+
+
+async def test_a_slow_but_steady_body_is_accepted(tmp_path: Path) -> None:
+    # body_timeout bounds the gap between pieces, not the whole upload: 12 pieces 0.1 s apart
+    # take longer than body_timeout in all and still go through.
+    config = make_config(tmp_path, server=limits(tmp_path, body_timeout=0.5), engines=engines())
+    body = GOFORWARD.read_bytes()
+
+    async def slowly() -> AsyncIterator[bytes]:
+        step = -(-len(body) // 12)
+        for i in range(0, len(body), step):
+            yield body[i : i + step]
+            await trio.sleep(0.1)
+
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            r = await c.post(
+                "/v1/transcriptions", content=slowly(), headers={"content-type": "audio/wav"}
+            )
+    assert r.status_code == 200
+    assert r.json()["text"] == "hello world"
+
+
+def test_shipped_hypercorn_toml_and_our_timeouts(tmp_path: Path) -> None:
+    config = load_config(
+        environ={
+            "GATEWAY_SERVER_HYPERCORN_CONFIG": str(ROOT / "config" / "hypercorn.toml"),
+            "GATEWAY_SERVER_HEADER_TIMEOUT": "7",
+        }
+    )
+    hc = hypercorn_config(config)
+    assert hc.keep_alive_timeout == 7 and hc.ssl_handshake_timeout == 7
+    assert hc.read_timeout is None
+    assert hc.h11_max_incomplete_size == 16384 and hc.graceful_timeout == 10
+    assert hc.alpn_protocols == ["h2", "http/1.1"]
+
+
+@pytest.mark.parametrize("key", ["keep_alive_timeout", "ssl_handshake_timeout", "read_timeout"])
+def test_hypercorn_toml_may_not_override_our_timeouts(tmp_path: Path, key: str) -> None:
+    path = tmp_path / "hypercorn.toml"
+    path.write_text(f"{key} = 99\n")
+    config = load_config(environ={"GATEWAY_SERVER_HYPERCORN_CONFIG": str(path)})
+    with pytest.raises(ConfigError, match=key):
+        hypercorn_config(config)
