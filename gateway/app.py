@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import metrics
-from .api import native
+from .api import native, openai_compat
 from .config import Config
 from .engines import Engine, build_engine
 from .errors import UnknownEngine
@@ -93,6 +93,7 @@ def create_app(config: Config) -> Starlette:
 
     routes = [
         *native.routes(),
+        *openai_compat.routes(),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
