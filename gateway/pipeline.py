@@ -26,7 +26,7 @@ import anyio
 from . import metrics
 from .audio import PcmDecoder, Upload
 from .engines.base import PCM_BYTES_PER_SECOND, Engine, Session, SessionOptions
-from .errors import GatewayError, UpstreamError, collapse_groups
+from .errors import GatewayError, ShuttingDown, Timeout, UpstreamError, collapse_groups
 from .events import Done, EngineUpdate, Failed, Progress, Queued, StreamEvent, Transcript
 from .store import Store
 
@@ -150,6 +150,12 @@ class Job:
     total_time: float | None = None
     started_at: float = field(default_factory=anyio.current_time)
     on_outcome: Callable[[str], None] | None = None
+    # The longest the transcription may run, queueing included (then: TIMEOUT).
+    max_seconds: float = math.inf
+    # Set when the gateway is shutting down and this job's grace is over (then: SHUTTING_DOWN).
+    stop: anyio.Event | None = None
+    # Called exactly once by aclose(): releases what admitting the job took (slots, counters).
+    on_close: list[Callable[[], None]] = field(default_factory=list)
 
     def snapshot(self, update: EngineUpdate) -> Transcript:
         segments = update.committed + update.tentative
@@ -170,8 +176,13 @@ class Job:
     async def aclose(self) -> None:
         """Release the decoder and the spool file. Idempotent; safe when cancelled."""
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self.decoder.close)
-            await self.upload.aclose()
+            callbacks, self.on_close = self.on_close, []
+            try:
+                await anyio.to_thread.run_sync(self.decoder.close)
+                await self.upload.aclose()
+            finally:
+                for callback in callbacks:
+                    callback()
 
 
 async def _decode_pcm(job: Job, out: anyio.abc.ObjectSendStream[bytes]) -> None:
@@ -256,6 +267,28 @@ async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
     )
 
 
+async def _transcribe_bounded(job: Job, outbox: Outbox) -> Transcript:
+    """``_transcribe`` under the job's deadline, and stopped when the gateway shuts down."""
+    transcript: Transcript | None = None
+    with anyio.CancelScope(deadline=job.started_at + job.max_seconds) as scope, collapse_groups():
+        async with anyio.create_task_group() as tg:
+            if job.stop is not None:
+                stop = job.stop
+
+                async def watch_stop() -> None:
+                    await stop.wait()
+                    scope.cancel()
+
+                tg.start_soon(watch_stop)
+            transcript = await _transcribe(job, outbox)
+            tg.cancel_scope.cancel()
+    if transcript is not None:
+        return transcript
+    if job.stop is not None and job.stop.is_set():
+        raise ShuttingDown("the gateway is shutting down")
+    raise Timeout(f"the transcription ran longer than {job.max_seconds:g} s")
+
+
 async def run_job(job: Job, outbox: Outbox) -> None:
     """Run one transcription into ``outbox``; always ends it with exactly one Done or Failed."""
     engine = job.engine.name
@@ -275,7 +308,7 @@ async def run_job(job: Job, outbox: Outbox) -> None:
                     outbox.put(Done(cached, cached=True, corrected=stored.corrected is not None))
                     outcome = "CACHED"
                     return
-        transcript = await _transcribe(job, outbox)
+        transcript = await _transcribe_bounded(job, outbox)
         await job.store.save(transcript, job.tenant)
         duration = transcript.total_time or transcript.current_time
         if math.isfinite(duration):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import aclosing
 from pathlib import Path
@@ -502,3 +503,31 @@ async def test_corrections_replace_the_transcript_everywhere_and_survive_retrans
                 "/v1/transcriptions/" + "0" * 32 + "/corrections", json={"segments": []}
             )
             assert missing.status_code == 404
+
+
+async def test_max_session_seconds_ends_a_stream_with_timeout_and_stores_nothing(
+    tmp_path: Path,
+) -> None:
+    config = make_config(
+        tmp_path,
+        server={"max_session_seconds": 0.5},
+        engines=engines(slow=scripted(delay=3600.0)),
+    )
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            async with c.stream(
+                "POST", STREAM, params={"engine": "slow"}, files=upload(GOFORWARD)
+            ) as r:
+                events = await collect(r)
+            assert [e.event for e in events] == ["error"]
+            assert events[0].data["code"] == "TIMEOUT"
+            assert "0.5" in events[0].data["detail"]
+            await gw.state.engines["slow"].wait_closed(1)  # type: ignore[attr-defined]
+            await gw.state.wait_idle()
+            content_id = hashlib.blake2b(GOFORWARD.read_bytes(), digest_size=16).hexdigest()
+            assert await gw.state.store.get(content_id) is None
+            blocking = await c.post(
+                "/v1/transcriptions", params={"engine": "slow"}, files=upload(GOFORWARD)
+            )
+            assert blocking.status_code == 504
+            assert blocking.json()["error"]["code"] == "TIMEOUT"
