@@ -8,18 +8,22 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import anyio
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from . import metrics
-from .api import native, openai_compat
+from .api import aymurai, native, openai_compat
+from .auth import AuthMiddleware, KeyRing, TenantStreams
 from .config import Config
 from .engines import Engine, build_engine
 from .errors import UnknownEngine
+from .logs import RequestLogMiddleware
 from .store import Store, open_store
 
 __all__ = ["GatewayState", "create_app"]
@@ -30,9 +34,45 @@ _json = msgspec.json.Encoder()
 
 @dataclass(eq=False)
 class GatewayState:
+    """What the app holds while it runs: the store, the engines and the drain state.
+
+    Shutdown is two steps (see :func:`gateway.server.serve`): :meth:`drain` makes /readyz fail and
+    refuses new jobs while in-flight ones continue; :meth:`stop_jobs` then ends those still running
+    with SHUTTING_DOWN.
+    """
+
     config: Config
     store: Store
     engines: dict[str, Engine] = field(default_factory=dict)
+    draining: bool = False
+    stop: anyio.Event = field(default_factory=anyio.Event)
+    active_jobs: int = 0
+    _idle: anyio.Event = field(default_factory=anyio.Event)
+    # Concurrent streams per tenant (auth.max_streams_per_tenant).
+    tenant_streams: TenantStreams = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tenant_streams = TenantStreams(self.config.auth.max_streams_per_tenant)
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def stop_jobs(self) -> None:
+        self.stop.set()
+
+    def job_started(self) -> None:
+        if self.active_jobs == 0:
+            self._idle = anyio.Event()
+        self.active_jobs += 1
+
+    def job_ended(self) -> None:
+        self.active_jobs -= 1
+        if self.active_jobs == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        if self.active_jobs:
+            await self._idle.wait()
 
     def engine(self, name: str) -> Engine:
         try:
@@ -51,6 +91,8 @@ async def readyz(request: Request) -> Response:
     engines: dict[str, object] = {}
     if state is None:
         reasons.append("starting")
+    elif state.draining:
+        reasons.append("shutting down")
     else:
         if (reason := await state.store.check_writable()) is not None:
             reasons.append(reason)
@@ -93,9 +135,17 @@ def create_app(config: Config) -> Starlette:
 
     routes = [
         *native.routes(),
+        *aymurai.routes(),
         *openai_compat.routes(),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    # The access log is outermost, so that refused requests are logged with their X-Request-ID too.
+    middleware = [Middleware(RequestLogMiddleware)]
+    if config.auth.keys_file:
+        keys = KeyRing(config.auth.keys_file)
+        middleware.append(
+            Middleware(AuthMiddleware, keys=keys, protect_metrics=config.auth.protect_metrics)
+        )
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
