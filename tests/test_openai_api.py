@@ -675,3 +675,40 @@ async def test_curl_style_multipart_and_raw_frames(tmp_path: Path, sentinel: boo
         "param": "model",
         "code": "invalid_option",
     }
+
+
+async def test_queue_positions_are_sse_comments(tmp_path: Path) -> None:
+    cfg = config(
+        tmp_path,
+        one=scripted(words=["x", "y"], seconds_per_word=1.0, delay=0.1, max_sessions=1),
+    )
+    with trio.fail_after(60):
+        async with run_gateway(cfg) as gw, httpx.AsyncClient(base_url=gw.url) as raw:
+            engine = gw.state.engines["one"]
+            assert isinstance(engine, ScriptedEngine)
+            async with (
+                raw.stream(
+                    "POST",
+                    ENDPOINT,
+                    data={"model": "one", "stream": "true"},
+                    files={"file": ("long.wav", silence(tmp_path, 120.0).read_bytes())},
+                ) as blocker,
+                aclosing(blocker.aiter_lines()) as blocker_lines,
+            ):
+                assert (await anext(blocker_lines)).startswith("data: ")
+                async with raw.stream(
+                    "POST",
+                    ENDPOINT,
+                    data={"model": "one", "stream": "true"},
+                    files={"file": ("a.wav", silence(tmp_path, 2.0).read_bytes())},
+                ) as queued:
+                    async with aclosing(queued.aiter_text()) as text:
+                        # Queued behind the blocker (nothing else can come before it is freed):
+                        # a comment, which SSE clients ignore, and no invented event type.
+                        assert await anext(text) == ": queued 1\n\n"
+                        await blocker.aclose()
+                        rest = "".join([t async for t in text])
+    # Then the stream as usual (SSE comments are ignored by the SDK: see the keepalive test).
+    events = [json.loads(f[len("data: ") :]) for f in raw_frames(rest)]
+    assert [e["type"] for e in events][-1] == "transcript.text.done"
+    assert "".join(e.get("delta", "") for e in events) == events[-1]["text"] == "x y"

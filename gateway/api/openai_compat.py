@@ -134,7 +134,7 @@ def _gateway_errors(cls: type[GatewayError] = GatewayError) -> Iterator[type[Gat
         yield from _gateway_errors(sub)
 
 
-def status_of(code: str, default: int = 502) -> int:
+def _status_of(code: str, default: int = 502) -> int:
     """The HTTP status this API uses for a gateway error code."""
     if code in _STATUS_OVERRIDES:
         return _STATUS_OVERRIDES[code]
@@ -165,13 +165,11 @@ def _detail(code: str, message: str, status: int, param: str | None = None) -> _
 def error_response(exc: GatewayError) -> Response:
     """A GatewayError as OpenAI's error body, status and retry headers (also for auth middleware)."""
     status = _STATUS_OVERRIDES.get(exc.code, exc.status)
-    param = (
-        exc.param
-        if isinstance(exc, InvalidParam)
-        else "model"
-        if isinstance(exc, UnknownEngine)
-        else None
-    )
+    param = None
+    if isinstance(exc, InvalidParam):
+        param = exc.param
+    elif isinstance(exc, UnknownEngine):
+        param = "model"
     headers = {"x-should-retry": "true" if _should_retry(status, exc.code) else "false"}
     if exc.retry_after is not None and status in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
@@ -185,7 +183,7 @@ def error_response(exc: GatewayError) -> Response:
 
 def _failure(failed: Failed) -> GatewayError:
     exc = GatewayError(failed.detail)
-    exc.code, exc.status = failed.code, status_of(failed.code)
+    exc.code, exc.status = failed.code, _status_of(failed.code)
     return exc
 
 
@@ -234,7 +232,7 @@ class OpenAITranslator:
             frames += _frame(_TextDone(self._text, _usage(t)))
             return frames + b"data: [DONE]\n\n" if self.done_sentinel else frames
         if isinstance(event, Failed):
-            error = _detail(event.code, event.detail, status_of(event.code))
+            error = _detail(event.code, event.detail, _status_of(event.code))
             return _frame(_ErrorEvent(error))
         return b": queued " + str(event.position).encode() + b"\n\n"
 
