@@ -156,7 +156,10 @@ class SSEStream:
         self.headers = {**SSE_HEADERS, **(headers or {})}
 
     async def _frames(self, outbox: Outbox) -> AsyncIterator[bytes]:
-        async for event in outbox:
+        # Not `async for event in outbox`: sse-starlette acloses this generator when the client
+        # leaves, which would leave the outbox's own generator suspended for the GC to finalise.
+        while not outbox.finished:
+            event = await outbox.get()
             frame = (
                 self.translator.keepalive_frame
                 if event is KEEPALIVE

@@ -1,0 +1,486 @@
+"""The shipped config/nginx.conf, run for real in front of a real gateway on loopback.
+
+The test's nginx.conf is the shipped file with only what a test must change swapped in (loopback
+ports, the upstream's port, a trustme certificate, temp paths, a foreground single process, and a
+1 s proxy_read_timeout); every substitution must match, so the test follows the shipped file.
+
+Clients connect from 127.0.0.2 (still loopback) so that "the client's address" and "nginx's
+address" (127.0.0.1) differ.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trustme
+from audio_util import GOFORWARD
+from conftest import SSE, Gateway, make_config, run_gateway, sse_events, wait_until
+
+from gateway.config import ScriptedConfig
+from gateway.engines.base import Session, SessionOptions
+from gateway.engines.scripted import ScriptedEngine
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).parent.parent
+SHIPPED = ROOT / "config" / "nginx.conf"
+STREAM = "/v1/transcriptions/stream"
+CLIENT_ADDRESS = "127.0.0.2"
+
+
+# --- nginx -----------------------------------------------------------------------------------
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no nginx binary: .ci/run installs Debian's nginx as root")
+        pytest.skip("no nginx binary (apt-get install nginx-light, or run .ci/run as root)")
+    return found
+
+
+def free_port() -> int:
+    # Bound and released at once: nginx needs a number in its config. A clash shows up as nginx
+    # failing to start, with its error in the test output.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Nginx:
+    url: str  # https://127.0.0.1:port (TLS, h2 and http/1.1)
+    plain_url: str  # http://127.0.0.1:port (redirects to https)
+    tls: ssl.SSLContext  # trusts the test CA
+    conf: str
+
+    def client(self, *, http2: bool = True, **kw: Any) -> httpx.AsyncClient:
+        transport = httpx.AsyncHTTPTransport(
+            local_address=CLIENT_ADDRESS, http2=http2, verify=self.tls
+        )
+        return httpx.AsyncClient(
+            base_url=self.url, transport=transport, timeout=httpx.Timeout(30.0), **kw
+        )
+
+
+def render_conf(
+    tmp: Path, *, upstream: int, https: int, http: int, cert: Path, key: Path, extra: str = ""
+) -> str:
+    """The shipped nginx.conf with the test's ports, paths and timeouts."""
+    text = SHIPPED.read_text()
+    temp = {kind: tmp / kind for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    temp_paths = "".join(f"    {kind}_temp_path {path};\n" for kind, path in temp.items())
+    subs: list[tuple[str, str, int]] = [
+        (r"^user .*;\n", "", 1),
+        (r"^worker_processes .*;\n", "daemon off;\nmaster_process off;\n", 1),
+        (r"^pid .*;", f"pid {tmp}/nginx.pid;", 1),
+        (r"^error_log .*;", f"error_log {tmp}/error.log info;", 1),
+        (r"^    access_log .*;", f"    access_log {tmp}/access.log;", 1),
+        (r"^http \{\n", "http {\n" + temp_paths + extra, 1),
+        (r"server 127\.0\.0\.1:8000;", f"server 127.0.0.1:{upstream};", 1),
+        (r"^ *listen \[::\]:.*\n", "", 2),
+        (r"listen 80;", f"listen 127.0.0.1:{http};", 1),
+        (r"listen 443 ssl http2;", f"listen 127.0.0.1:{https} ssl http2;", 1),
+        (r"ssl_certificate .*;", f"ssl_certificate {cert};", 1),
+        (r"ssl_certificate_key .*;", f"ssl_certificate_key {key};", 1),
+        # Low idle timeouts, so that the keepalive test crosses them quickly.
+        (r"proxy_read_timeout 60s;", "proxy_read_timeout 1s;", 2),
+    ]
+    for pattern, replacement, count in subs:
+        text, n = re.subn(pattern, replacement, text, flags=re.MULTILINE)
+        assert n == count, f"config/nginx.conf no longer has {pattern!r} x{count} (found {n})"
+    for path in temp.values():
+        path.mkdir()
+    return text
+
+
+@asynccontextmanager
+async def run_nginx(tmp_path: Path, gateway: Gateway, *, extra: str = "") -> AsyncIterator[Nginx]:
+    binary = nginx_binary()
+    tmp = tmp_path / "nginx"
+    tmp.mkdir()
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    tls = ssl.create_default_context()
+    ca.configure_trust(tls)
+    upstream = int(gateway.url.rsplit(":", 1)[1])
+    https, http = free_port(), free_port()
+    conf = render_conf(
+        tmp, upstream=upstream, https=https, http=http, cert=cert, key=key, extra=extra
+    )
+    conf_path = tmp / "nginx.conf"
+    conf_path.write_text(conf)
+    cmd = [binary, "-p", str(tmp), "-c", str(conf_path), "-e", "stderr"]
+    with (tmp / "stderr.log").open("wb") as stderr:
+        async with trio.open_nursery() as nursery:
+            run = functools.partial(trio.run_process, cmd, check=False, stderr=stderr)
+            process: trio.Process = await nursery.start(run)
+            try:
+                await _wait_listening(https, process, tmp)
+                yield Nginx(f"https://127.0.0.1:{https}", f"http://127.0.0.1:{http}", tls, conf)
+            finally:
+                # trio.run_process terminates nginx (SIGTERM: fast shutdown) on cancellation.
+                nursery.cancel_scope.cancel()
+
+
+async def _wait_listening(port: int, process: trio.Process, tmp: Path) -> None:
+    with trio.fail_after(10):
+        while True:
+            if process.returncode is not None:
+                log = (tmp / "stderr.log").read_text() + (tmp / "error.log").read_text()
+                pytest.fail(f"nginx exited with {process.returncode}:\n{log}")
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.01)
+                continue
+            await stream.aclose()
+            return
+
+
+# --- the gateway side ----------------------------------------------------------------------
+
+
+@dataclass
+class ScopeSpy:
+    """ASGI middleware, inside the proxy fix: what the app sees of each HTTP request."""
+
+    app: Any = None
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    body_bytes: int = 0
+
+    def wrap(self, app: Any) -> ScopeSpy:
+        self.app = app
+        return self
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.seen.append(
+            {
+                "path": scope["path"],
+                "client": scope["client"][0],
+                "scheme": scope["scheme"],
+                "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
+            }
+        )
+
+        async def counting_receive() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.body_bytes += len(message.get("body", b""))
+            return message
+
+        return await self.app(scope, counting_receive, send)
+
+
+class GatedEngine(ScriptedEngine):
+    """A scripted engine whose final result waits for ``gate``: ``done`` cannot exist before the
+    test allows it, so "the first event arrived before done" needs no clock."""
+
+    def __init__(self, config: ScriptedConfig) -> None:
+        super().__init__("gated", config)
+        self.gate = trio.Event()
+
+    @asynccontextmanager
+    async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
+        async with super().open_session(options) as session:
+            end_audio = session.end_audio
+
+            async def gated_end_audio() -> None:
+                await self.gate.wait()
+                await end_audio()
+
+            session.end_audio = gated_end_audio  # type: ignore[method-assign]
+            yield session
+
+
+def gated(gw: Gateway, **kw: Any) -> GatedEngine:
+    engine = GatedEngine(ScriptedConfig(**kw))
+    gw.state.engines["gated"] = engine
+    return engine
+
+
+def gateway_config(tmp_path: Path, **server: Any) -> Any:
+    return make_config(
+        tmp_path,
+        server={"default_engine": "fake", **server},
+        engines={"fake": {"kind": "scripted"}},
+    )
+
+
+def upload() -> dict[str, tuple[str, bytes, str]]:
+    return {"file": (GOFORWARD.name, GOFORWARD.read_bytes(), "audio/wav")}
+
+
+async def next_event(events: AsyncIterator[SSE]) -> SSE:
+    """The next event that is not a comment."""
+    while (event := await anext(events)).event == "comment":
+        pass
+    return event
+
+
+WORDS = {"words": ["one", "two", "three"], "seconds_per_word": 0.5}
+
+
+# --- the tests -----------------------------------------------------------------------------
+
+
+@pytest.mark.nginx
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2"])
+async def test_sse_passes_through_unbuffered(tmp_path: Path, http2: bool) -> None:
+    # The gateway's X-Accel-Buffering: no is ignored here, so it is the config's own
+    # proxy_buffering off that is tested (with buffering, HTTP/1.1 clients get nothing until the
+    # response ends, and this test hangs).
+    ignore = "    proxy_ignore_headers X-Accel-Buffering;\n"
+    with trio.fail_after(30):
+        async with (
+            run_gateway(gateway_config(tmp_path, keepalive=0.2)) as gw,
+            run_nginx(tmp_path, gw, extra=ignore) as nginx,
+            nginx.client(http2=http2) as c,
+        ):
+            engine = gated(gw, **WORDS)
+            async with (
+                c.stream("POST", STREAM, params={"engine": "gated"}, files=upload()) as r,
+                aclosing(sse_events(r)) as events,
+            ):
+                assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+                assert r.status_code == 200
+                first = await next_event(events)
+                # Only now can the engine finish: a buffering proxy would never have let
+                # this event through, and the test would hang instead.
+                assert engine.active == 1 and engine.closed == 0
+                engine.gate.set()
+                rest = [e async for e in events]
+    assert first.event == "transcription"
+    assert rest[-1].event == "done" and rest[-1].data["text"] == "one two three"
+
+
+@pytest.mark.nginx
+async def test_upload_streams_through_to_the_gateway(tmp_path: Path) -> None:
+    spy = ScopeSpy()
+    body = GOFORWARD.read_bytes()
+    half = len(body) // 2
+    with trio.fail_after(30):
+        async with (
+            run_gateway(gateway_config(tmp_path), wrap=spy.wrap) as gw,
+            run_nginx(tmp_path, gw) as nginx,
+            nginx.client() as c,
+        ):
+
+            async def content() -> AsyncIterator[bytes]:
+                yield body[:half]
+                # The gateway is reading the body while the client still holds its second half:
+                # with request buffering, nginx would wait for the end and this would hang.
+                await wait_until(lambda: spy.body_bytes >= half)
+                yield body[half:]
+
+            r = await c.post(
+                "/v1/transcriptions",
+                params={"engine": "fake"},
+                content=content(),
+                headers={"content-type": "audio/wav"},
+            )
+    assert r.http_version == "HTTP/2" and r.status_code == 200
+    assert r.json()["text"] == "hello world"
+    assert spy.body_bytes == len(body)
+
+
+@pytest.mark.nginx
+async def test_keepalives_hold_a_silent_stream_past_proxy_read_timeout(tmp_path: Path) -> None:
+    # nginx gives up after 1 s without a byte from the gateway. The engine's updates come at once,
+    # then it is silent until 12 keepalive comments (one per 0.2 s of silence, so >= 2.4 s) have
+    # reached the client through nginx; only then may it finish.
+    with trio.fail_after(30):
+        async with (
+            run_gateway(gateway_config(tmp_path, keepalive=0.2)) as gw,
+            run_nginx(tmp_path, gw) as nginx,
+            nginx.client() as c,
+        ):
+            engine = gated(gw, **WORDS)
+            labels: list[str] = []
+            async with (
+                c.stream("POST", STREAM, params={"engine": "gated"}, files=upload()) as r,
+                aclosing(sse_events(r)) as events,
+            ):
+                async for e in events:
+                    labels.append(e.data if e.event == "comment" else e.event)
+                    if labels[-12:] == ["keepalive"] * 12:
+                        engine.gate.set()
+    assert engine.gate.is_set()
+    assert labels[0] == "transcription" and labels[-1] == "done"
+    assert labels.count("done") == 1 and "error" not in labels
+
+
+@pytest.mark.nginx
+async def test_without_keepalives_nginx_cuts_a_silent_stream(tmp_path: Path) -> None:
+    # The control for the test above: the same silence with keepalive = 0 ends at nginx's
+    # proxy_read_timeout, and the gateway sees the disconnect and closes the engine session.
+    with trio.fail_after(30):
+        async with (
+            run_gateway(gateway_config(tmp_path, keepalive=0)) as gw,
+            run_nginx(tmp_path, gw) as nginx,
+            nginx.client(http2=False) as c,
+        ):
+            engine = gated(gw, **WORDS)
+            seen: list[str] = []
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with c.stream(
+                    "POST", STREAM, params={"engine": "gated"}, files=upload()
+                ) as r:
+                    async for e in sse_events(r):
+                        seen.append(e.event)
+            await engine.wait_closed(1)
+    assert "transcription" in seen and "done" not in seen
+    assert "upstream timed out" in (tmp_path / "nginx" / "error.log").read_text()
+
+
+@pytest.mark.nginx
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2"])
+async def test_client_leaving_at_the_proxy_cancels_the_engine_session(
+    tmp_path: Path, http2: bool
+) -> None:
+    with trio.fail_after(30):
+        async with (
+            run_gateway(gateway_config(tmp_path, keepalive=0.2)) as gw,
+            run_nginx(tmp_path, gw) as nginx,
+        ):
+            engine = gated(gw, **WORDS)
+            async with (
+                nginx.client(http2=http2) as c,
+                c.stream("POST", STREAM, params={"engine": "gated"}, files=upload()) as r,
+                aclosing(sse_events(r)) as events,
+            ):
+                assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+                first = await next_event(events)
+                assert engine.active == 1
+            # The client has closed its connection to nginx. The gate was never opened, so only
+            # the cancellation nginx passes on can have closed the session.
+            await engine.wait_closed(1)
+            assert engine.active == 0 and not engine.gate.is_set()
+    assert first.event == "transcription"
+
+
+@pytest.mark.nginx
+async def test_forwarded_headers_from_one_trusted_hop(tmp_path: Path) -> None:
+    spy = ScopeSpy()
+    with trio.fail_after(30):
+        async with (
+            run_gateway(gateway_config(tmp_path, trusted_hops=1), wrap=spy.wrap) as gw,
+            run_nginx(tmp_path, gw) as nginx,
+            nginx.client() as c,
+        ):
+            forged = {"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "gopher"}
+            first = await c.get("/healthz", headers={**forged, "x-request-id": "req-42"})
+            second = await c.get("/healthz")
+    assert first.status_code == second.status_code == 200
+    one, two = spy.seen
+    # nginx appended the address it saw; one trusted hop takes exactly that entry.
+    assert one["headers"]["x-forwarded-for"] == f"203.0.113.7, {CLIENT_ADDRESS}"
+    assert one["client"] == two["client"] == CLIENT_ADDRESS
+    # X-Forwarded-Proto is nginx's own ($scheme), whatever the client sent.
+    assert one["scheme"] == two["scheme"] == "https"
+    # A client's request id passes through; without one, nginx makes one up.
+    assert one["headers"]["x-request-id"] == "req-42"
+    assert re.fullmatch(r"[0-9a-f]{32}", two["headers"]["x-request-id"])
+
+
+@pytest.mark.nginx
+async def test_without_trusted_hops_the_client_is_nginx(tmp_path: Path) -> None:
+    spy = ScopeSpy()
+    with trio.fail_after(30):
+        async with (
+            run_gateway(gateway_config(tmp_path), wrap=spy.wrap) as gw,
+            run_nginx(tmp_path, gw) as nginx,
+            nginx.client() as c,
+        ):
+            assert (await c.get("/healthz")).status_code == 200
+    [seen] = spy.seen
+    assert seen["headers"]["x-forwarded-for"] == CLIENT_ADDRESS
+    assert seen["client"] == "127.0.0.1" and seen["scheme"] == "http"
+
+
+async def test_direct_clients_cannot_forge_without_trusted_hops(tmp_path: Path) -> None:
+    # No proxy: with trusted_hops = 0 a forged X-Forwarded-For is ignored. With trusted_hops = 1
+    # it would be believed, which is why trusted_hops > 0 needs a gateway only the proxy reaches.
+    forged = {"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "https"}
+    seen: dict[int, dict[str, Any]] = {}
+    with trio.fail_after(30):
+        for hops in (0, 1):
+            spy = ScopeSpy()
+            config = gateway_config(tmp_path / str(hops), trusted_hops=hops)
+            transport = httpx.AsyncHTTPTransport(local_address=CLIENT_ADDRESS)
+            async with (
+                run_gateway(config, wrap=spy.wrap) as gw,
+                httpx.AsyncClient(base_url=gw.url, transport=transport) as c,
+            ):
+                assert (await c.get("/healthz", headers=forged)).status_code == 200
+            [seen[hops]] = spy.seen
+    assert seen[0]["client"] == CLIENT_ADDRESS and seen[0]["scheme"] == "http"
+    assert seen[1]["client"] == "203.0.113.7" and seen[1]["scheme"] == "https"
+
+
+@pytest.mark.nginx
+async def test_oversize_body_is_refused_by_nginx_and_http_redirects(tmp_path: Path) -> None:
+    spy = ScopeSpy()
+    with trio.fail_after(30):
+        async with (
+            run_gateway(gateway_config(tmp_path), wrap=spy.wrap) as gw,
+            run_nginx(tmp_path, gw) as nginx,
+        ):
+            # Declared over client_max_body_size (201m): refused before a byte is read.
+            tcp = await trio.open_tcp_stream("127.0.0.1", int(nginx.url.rsplit(":", 1)[1]))
+            tls = trio.SSLStream(tcp, nginx.tls, server_hostname="127.0.0.1")
+            head = (
+                f"POST {STREAM} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
+                f"Content-Length: {202 * 1024 * 1024}\r\n\r\n"
+            )
+            await tls.send_all(head.encode())
+            response = b""
+            while b"\r\n\r\n" not in response:
+                response += await tls.receive_some()
+            await tls.aclose()
+            async with httpx.AsyncClient(base_url=nginx.plain_url) as plain:
+                redirect = await plain.get("/healthz")
+    assert response.startswith(b"HTTP/1.1 413 ")
+    assert spy.seen == []
+    assert redirect.status_code == 301
+    assert redirect.headers["location"] == "https://127.0.0.1/healthz"
+
+
+def test_shipped_limits_match_the_gateway_defaults() -> None:
+    from gateway.audio import MULTIPART_OVERHEAD
+    from gateway.config import ServerConfig
+
+    text = SHIPPED.read_text()
+    server = ServerConfig()
+    [size] = re.findall(r"client_max_body_size (\d+)m;", text)
+    # nginx lets through every upload the gateway accepts, framing included.
+    assert server.max_upload_bytes + MULTIPART_OVERHEAD <= int(size) * 1024 * 1024
+    # Streams stay alive through nginx only while keepalive < proxy_read_timeout.
+    timeouts = [int(t) for t in re.findall(r"proxy_read_timeout (\d+)s;", text)]
+    assert timeouts and min(timeouts) > 2 * server.keepalive
+    # nginx drops idle upstream connections before hypercorn does (header_timeout).
+    [upstream_idle] = re.findall(r"^\s*keepalive_timeout (\d+)s;", text.split("upstream")[1], re.M)
+    assert int(upstream_idle) < server.header_timeout
