@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import trio
 from conftest import SSE, Gateway, make_config, run_gateway, sse_events
 from fakes.wlk_server import FakeWlkServer, pcm_words, wav_bytes
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.api.aymurai import (
@@ -38,7 +39,8 @@ from gateway.api.aymurai import (
     iso_duration,
     parse_duration,
 )
-from gateway.config import Config
+from gateway.auth import add_key
+from gateway.config import AuthConfig, Config
 from gateway.engines.scripted import ScriptedEngine
 from gateway.events import Done, Failed, Progress, Queued, Segment, Transcript
 from gateway.store import StoredTranscript, content_uuid
@@ -858,6 +860,7 @@ def test_iso_duration_examples() -> None:
     ]
 
 
+@settings(deadline=None)
 @given(st.floats(min_value=0, max_value=4e8, allow_nan=False))
 def test_iso_duration_matches_pydantic_and_parses_back(seconds: float) -> None:
     # AymurAI serialised timedelta with pydantic; the gateway must write the very same strings.
@@ -870,3 +873,44 @@ def test_iso_duration_matches_pydantic_and_parses_back(seconds: float) -> None:
         == pydantic.TypeAdapter(timedelta).dump_json(timedelta(seconds=seconds)).decode()
     )
     assert parse_duration(text) == pytest.approx(seconds, abs=1e-6)
+
+
+async def test_tenants_are_apart_and_auth_failures_use_this_shape(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.jsonl"
+    _, acme = add_key(keys_file, "acme")
+    _, other = add_key(keys_file, "other")
+    cfg = msgspec.structs.replace(
+        config(tmp_path, delay=0.2),
+        auth=AuthConfig(keys_file=str(keys_file), max_streams_per_tenant=1),
+    )
+    data = sine_wav(690)
+    url = validation(data_to_uuid(data))
+    body = [{"speaker_no": 0, "start": 0, "end": 1, "text": "solo acme"}]
+    with trio.fail_after(60):
+        async with gateway(cfg) as (gw, c):
+            as_acme = {"authorization": f"Bearer {acme}"}
+            as_other = {"authorization": f"Bearer {other}"}
+            anonymous = await c.post(STREAM, files=files(data))
+            await c.post(TRANSCRIBE, files=files(data), headers=as_acme)
+            assert (await c.post(url, json=body, headers=as_acme)).status_code == 200
+            hidden = [
+                await c.get(url, headers=as_other),
+                await c.post(url, json=body, headers=as_other),
+            ]
+            mine = await c.get(url, headers=as_acme)
+            # The other tenant's first upload of the same bytes is no cache hit: it transcribes.
+            async with (
+                c.stream("POST", STREAM, files=files(data), headers=as_other) as r,
+                aclosing(sse_events(r)) as events,
+            ):
+                assert (await anext(events)).event == "transcription"
+                second = await c.post(STREAM, files=files(sine_wav(700)), headers=as_other)
+            opened = engine_of(gw).opened
+    assert anonymous.status_code == 401 and anonymous.json()["code"] == "UNAUTHORIZED"
+    assert set(anonymous.json()) == {"detail", "code"}
+    for r in hidden:
+        assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"
+    assert texts(SSE("doc", mine.json())) == ["solo acme"]
+    assert second.status_code == 429 and second.json()["code"] == "TOO_MANY_STREAMS"
+    assert int(second.headers["retry-after"]) >= 1
+    assert opened == 2
