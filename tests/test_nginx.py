@@ -11,6 +11,7 @@ address" (127.0.0.1) differ.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import shutil
@@ -382,8 +383,20 @@ async def test_client_leaving_at_the_proxy_cancels_the_engine_session(
     assert first.event == "transcription"
 
 
+def access_log(caplog: pytest.LogCaptureFixture) -> dict[str, str]:
+    """request id -> client, from the gateway's access lines."""
+    return {
+        r.request["request_id"]: r.request["client"]  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "gateway.access"
+    }
+
+
 @pytest.mark.nginx
-async def test_forwarded_headers_from_one_trusted_hop(tmp_path: Path) -> None:
+async def test_forwarded_headers_from_one_trusted_hop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
     spy = ScopeSpy()
     with trio.fail_after(30):
         async with (
@@ -394,6 +407,7 @@ async def test_forwarded_headers_from_one_trusted_hop(tmp_path: Path) -> None:
             forged = {"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "gopher"}
             first = await c.get("/healthz", headers={**forged, "x-request-id": "req-42"})
             second = await c.get("/healthz")
+            await wait_until(lambda: len(access_log(caplog)) == 2)
     assert first.status_code == second.status_code == 200
     one, two = spy.seen
     # nginx appended the address it saw; one trusted hop takes exactly that entry.
@@ -401,13 +415,20 @@ async def test_forwarded_headers_from_one_trusted_hop(tmp_path: Path) -> None:
     assert one["client"] == two["client"] == CLIENT_ADDRESS
     # X-Forwarded-Proto is nginx's own ($scheme), whatever the client sent.
     assert one["scheme"] == two["scheme"] == "https"
-    # A client's request id passes through; without one, nginx makes one up.
-    assert one["headers"]["x-request-id"] == "req-42"
-    assert re.fullmatch(r"[0-9a-f]{32}", two["headers"]["x-request-id"])
+    # A client's request id passes through (and comes back); without one, nginx makes one up.
+    assert one["headers"]["x-request-id"] == first.headers["x-request-id"] == "req-42"
+    generated = two["headers"]["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert second.headers["x-request-id"] == generated
+    # The access log names the real client under the id both sides know.
+    assert access_log(caplog) == {"req-42": CLIENT_ADDRESS, generated: CLIENT_ADDRESS}
 
 
 @pytest.mark.nginx
-async def test_without_trusted_hops_the_client_is_nginx(tmp_path: Path) -> None:
+async def test_without_trusted_hops_the_client_is_nginx(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
     spy = ScopeSpy()
     with trio.fail_after(30):
         async with (
@@ -415,15 +436,21 @@ async def test_without_trusted_hops_the_client_is_nginx(tmp_path: Path) -> None:
             run_nginx(tmp_path, gw) as nginx,
             nginx.client() as c,
         ):
-            assert (await c.get("/healthz")).status_code == 200
+            r = await c.get("/healthz", headers={"x-request-id": "req-7"})
+            await wait_until(lambda: bool(access_log(caplog)))
+    assert r.status_code == 200
     [seen] = spy.seen
     assert seen["headers"]["x-forwarded-for"] == CLIENT_ADDRESS
     assert seen["client"] == "127.0.0.1" and seen["scheme"] == "http"
+    assert access_log(caplog) == {"req-7": "127.0.0.1"}
 
 
-async def test_direct_clients_cannot_forge_without_trusted_hops(tmp_path: Path) -> None:
+async def test_direct_clients_cannot_forge_without_trusted_hops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # No proxy: with trusted_hops = 0 a forged X-Forwarded-For is ignored. With trusted_hops = 1
     # it would be believed, which is why trusted_hops > 0 needs a gateway only the proxy reaches.
+    caplog.set_level(logging.INFO, logger="gateway.access")
     forged = {"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "https"}
     seen: dict[int, dict[str, Any]] = {}
     with trio.fail_after(30):
@@ -435,10 +462,13 @@ async def test_direct_clients_cannot_forge_without_trusted_hops(tmp_path: Path) 
                 run_gateway(config, wrap=spy.wrap) as gw,
                 httpx.AsyncClient(base_url=gw.url, transport=transport) as c,
             ):
-                assert (await c.get("/healthz", headers=forged)).status_code == 200
+                headers = {**forged, "x-request-id": f"hops-{hops}"}
+                assert (await c.get("/healthz", headers=headers)).status_code == 200
+                await wait_until(lambda: f"hops-{hops}" in access_log(caplog))  # noqa: B023
             [seen[hops]] = spy.seen
     assert seen[0]["client"] == CLIENT_ADDRESS and seen[0]["scheme"] == "http"
     assert seen[1]["client"] == "203.0.113.7" and seen[1]["scheme"] == "https"
+    assert access_log(caplog) == {"hops-0": CLIENT_ADDRESS, "hops-1": "203.0.113.7"}
 
 
 @pytest.mark.nginx
