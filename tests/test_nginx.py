@@ -231,6 +231,27 @@ def gateway_config(tmp_path: Path, **server: Any) -> Any:
     )
 
 
+@dataclass
+class Proxied:
+    gateway: Gateway
+    nginx: Nginx
+    client: httpx.AsyncClient
+    engine: GatedEngine
+
+
+@asynccontextmanager
+async def behind_nginx(
+    tmp_path: Path, *, http2: bool = True, extra: str = "", wrap: Any = None, **server: Any
+) -> AsyncIterator[Proxied]:
+    """A gateway (with a gated engine) behind the shipped nginx, and a client of nginx."""
+    async with (
+        run_gateway(gateway_config(tmp_path, **server), wrap=wrap) as gw,
+        run_nginx(tmp_path, gw, extra=extra) as nginx,
+        nginx.client(http2=http2) as client,
+    ):
+        yield Proxied(gw, nginx, client, gated(gw, **WORDS))
+
+
 def upload() -> dict[str, tuple[str, bytes, str]]:
     return {"file": (GOFORWARD.name, GOFORWARD.read_bytes(), "audio/wav")}
 
@@ -256,12 +277,9 @@ async def test_sse_passes_through_unbuffered(tmp_path: Path, http2: bool) -> Non
     # response ends, and this test hangs).
     ignore = "    proxy_ignore_headers X-Accel-Buffering;\n"
     with trio.fail_after(30):
-        async with (
-            run_gateway(gateway_config(tmp_path, keepalive=0.2)) as gw,
-            run_nginx(tmp_path, gw, extra=ignore) as nginx,
-            nginx.client(http2=http2) as c,
-        ):
-            engine = gated(gw, **WORDS)
+        async with behind_nginx(tmp_path, http2=http2, extra=ignore, keepalive=0.2) as p:
+            c = p.client
+            engine = p.engine
             async with (
                 c.stream("POST", STREAM, params={"engine": "gated"}, files=upload()) as r,
                 aclosing(sse_events(r)) as events,
@@ -284,11 +302,8 @@ async def test_upload_streams_through_to_the_gateway(tmp_path: Path) -> None:
     body = GOFORWARD.read_bytes()
     half = len(body) // 2
     with trio.fail_after(30):
-        async with (
-            run_gateway(gateway_config(tmp_path), wrap=spy.wrap) as gw,
-            run_nginx(tmp_path, gw) as nginx,
-            nginx.client() as c,
-        ):
+        async with behind_nginx(tmp_path, wrap=spy.wrap) as p:
+            c = p.client
 
             async def content() -> AsyncIterator[bytes]:
                 yield body[:half]
@@ -314,12 +329,9 @@ async def test_keepalives_hold_a_silent_stream_past_proxy_read_timeout(tmp_path:
     # then it is silent until 12 keepalive comments (one per 0.2 s of silence, so >= 2.4 s) have
     # reached the client through nginx; only then may it finish.
     with trio.fail_after(30):
-        async with (
-            run_gateway(gateway_config(tmp_path, keepalive=0.2)) as gw,
-            run_nginx(tmp_path, gw) as nginx,
-            nginx.client() as c,
-        ):
-            engine = gated(gw, **WORDS)
+        async with behind_nginx(tmp_path, keepalive=0.2) as p:
+            c = p.client
+            engine = p.engine
             labels: list[str] = []
             async with (
                 c.stream("POST", STREAM, params={"engine": "gated"}, files=upload()) as r,
@@ -339,12 +351,9 @@ async def test_without_keepalives_nginx_cuts_a_silent_stream(tmp_path: Path) -> 
     # The control for the test above: the same silence with keepalive = 0 ends at nginx's
     # proxy_read_timeout, and the gateway sees the disconnect and closes the engine session.
     with trio.fail_after(30):
-        async with (
-            run_gateway(gateway_config(tmp_path, keepalive=0)) as gw,
-            run_nginx(tmp_path, gw) as nginx,
-            nginx.client(http2=False) as c,
-        ):
-            engine = gated(gw, **WORDS)
+        async with behind_nginx(tmp_path, http2=False, keepalive=0) as p:
+            c = p.client
+            engine = p.engine
             seen: list[str] = []
             with pytest.raises(httpx.RemoteProtocolError):
                 async with c.stream(
@@ -399,11 +408,8 @@ async def test_forwarded_headers_from_one_trusted_hop(
     caplog.set_level(logging.INFO, logger="gateway.access")
     spy = ScopeSpy()
     with trio.fail_after(30):
-        async with (
-            run_gateway(gateway_config(tmp_path, trusted_hops=1), wrap=spy.wrap) as gw,
-            run_nginx(tmp_path, gw) as nginx,
-            nginx.client() as c,
-        ):
+        async with behind_nginx(tmp_path, wrap=spy.wrap, trusted_hops=1) as p:
+            c = p.client
             forged = {"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "gopher"}
             first = await c.get("/healthz", headers={**forged, "x-request-id": "req-42"})
             second = await c.get("/healthz")
@@ -431,11 +437,8 @@ async def test_without_trusted_hops_the_client_is_nginx(
     caplog.set_level(logging.INFO, logger="gateway.access")
     spy = ScopeSpy()
     with trio.fail_after(30):
-        async with (
-            run_gateway(gateway_config(tmp_path), wrap=spy.wrap) as gw,
-            run_nginx(tmp_path, gw) as nginx,
-            nginx.client() as c,
-        ):
+        async with behind_nginx(tmp_path, wrap=spy.wrap) as p:
+            c = p.client
             r = await c.get("/healthz", headers={"x-request-id": "req-7"})
             await wait_until(lambda: bool(access_log(caplog)))
     assert r.status_code == 200
