@@ -594,7 +594,15 @@ async def test_t2_04_unreachable_upstream_is_upstream_service_error(tmp_path: Pa
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = wlk_config(tmp_path, f"ws://127.0.0.1:{port}/asr", max_attempts=2, backoff_initial=0.01)
+    # After its second failed connect the URL is avoided for backoff(2) = 2-4 s (jittered): the
+    # next request, sent at once, falls inside that window whatever the machine's speed.
+    cfg = wlk_config(
+        tmp_path,
+        f"ws://127.0.0.1:{port}/asr",
+        max_attempts=2,
+        backoff_initial=1.0,
+        backoff_max=10.0,
+    )
     data = sine_wav(600)
     with trio.fail_after(60):
         async with gateway(cfg) as (_, c):

@@ -68,13 +68,11 @@ import logging
 import math
 import os
 import random
-import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import msgspec
 import trio
@@ -82,10 +80,8 @@ from prometheus_client import Counter
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
-    ConnectionTimeout,
     HandshakeError,
     WebSocketConnection,
-    wrap_client_stream,
 )
 
 from ..admission import Admission
@@ -117,6 +113,7 @@ from ._openai_protocol import (
     encode_commit,
 )
 from ._resample import PcmResampler
+from ._websocket import connect_websocket
 from .base import PCM_SAMPLE_RATE, Engine, Session, SessionOptions
 
 __all__ = [
@@ -187,53 +184,10 @@ Connector = Callable[
 """Opens a WebSocket: ``(url, extra_headers, connect_timeout)``; tests substitute a fake."""
 
 
-@asynccontextmanager
-async def _connect_websocket(
+def _connect_websocket(
     url: str, headers: list[tuple[bytes, bytes]], connect_timeout: float
-) -> AsyncIterator[WebSocketConnection]:
-    """``open_websocket_url``, except that we own the TCP stream and always close it.
-
-    trio-websocket 0.12's own connect leaves the socket open when the server rejects the
-    handshake (HTTP 401), which leaks a file descriptor per rejected attempt.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ValueError(f"not a WebSocket URL: {url!r}")
-    secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
-    host = parts.hostname if port in (80, 443) else f"{parts.hostname}:{port}"
-    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    stream: trio.abc.Stream | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            try:
-                with trio.fail_after(connect_timeout):
-                    tcp = await trio.open_tcp_stream(parts.hostname, port)
-                    stream = tcp
-                    if secure:
-                        stream = trio.SSLStream(
-                            tcp, ssl.create_default_context(), server_hostname=parts.hostname
-                        )
-                    ws = await wrap_client_stream(
-                        nursery, stream, host, resource, extra_headers=headers
-                    )
-            except trio.TooSlowError:
-                raise ConnectionTimeout from None
-            except OSError as exc:
-                raise HandshakeError(f"{url}: {exc}") from exc
-            try:
-                yield ws
-            finally:
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await ws.aclose()
-    except BaseExceptionGroup as group:
-        # The handshake's failure arrives from trio-websocket's reader task; unwrap it.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
-    finally:
-        if stream is not None:
-            await trio.aclose_forcefully(stream)
+) -> AbstractAsyncContextManager[WebSocketConnection]:
+    return connect_websocket(url, headers, connect_timeout, close_timeout=CLOSE_TIMEOUT)
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:

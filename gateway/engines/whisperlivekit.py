@@ -48,7 +48,6 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
 )
 
 from ..admission import Admission, Lease
@@ -64,6 +63,7 @@ from ..errors import (
 from ..events import EngineUpdate
 from ..metrics import REGISTRY
 from . import _wlk_protocol as wlk
+from ._websocket import connect_websocket
 from .base import PCM_BYTES_PER_SECOND, AudioFormat, Engine, Session, SessionOptions
 
 __all__ = [
@@ -146,13 +146,13 @@ def connect_tcp(
     url: str, *, extra_headers: list[tuple[bytes, bytes]], connect_timeout: float
 ) -> AbstractAsyncContextManager[WebSocketConnection]:
     """The production connector: a real ``ws://`` or ``wss://`` connection."""
-    return open_websocket_url(
+    return connect_websocket(
         url,
-        extra_headers=extra_headers,
+        extra_headers,
+        connect_timeout,
+        close_timeout=CLOSE_TIMEOUT,
         message_queue_size=MESSAGE_QUEUE_SIZE,
         max_message_size=MAX_MESSAGE_BYTES,
-        connect_timeout=connect_timeout,
-        disconnect_timeout=CLOSE_TIMEOUT,
     )
 
 
