@@ -1,13 +1,14 @@
-"""The ``gateway`` command: ``serve`` runs the server, ``transcribe`` is a live SSE client."""
+"""The ``gateway`` command: ``serve`` runs the server, ``transcribe`` is a live SSE client,
+``keys`` manages API keys."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import trio
 
 from .config import load_config
 from .errors import ConfigError
+from .logs import configure_logging
 
 __all__ = ["main"]
 
@@ -27,22 +29,31 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(config.log)
 
     async def main() -> None:
-        async def until_signal() -> None:
+        # The first SIGTERM/SIGINT starts the drain; a second one cuts its grace short.
+        first, second = trio.Event(), trio.Event()
+
+        async def count_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
-                    return
+                    (second if first.is_set() else first).set()
 
         async with trio.open_nursery() as nursery:
-            urls = await nursery.start(
-                lambda task_status: serve(
-                    config, bind=args.bind, shutdown_trigger=until_signal, task_status=task_status
+
+            async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
+                await serve(
+                    config,
+                    bind=args.bind,
+                    shutdown_trigger=first.wait,
+                    hurry_trigger=second.wait,
+                    task_status=task_status,
                 )
-            )
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(count_signals)
+            urls = await nursery.start(run_server)
             print(f"gateway: serving on {', '.join(urls)}", file=sys.stderr, flush=True)
 
     try:
@@ -50,6 +61,48 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _keys_file(args: argparse.Namespace) -> str:
+    if args.keys_file:
+        return str(args.keys_file)
+    path = load_config(args.config).auth.keys_file
+    if not path:
+        raise ConfigError("auth.keys_file is not set: set it or pass --keys-file")
+    return path
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from . import auth
+
+    try:
+        path = _keys_file(args)
+        if args.action == "add":
+            record, key = auth.add_key(path, args.tenant)
+            print(f"gateway: key {record.id} for tenant {record.tenant!r}", file=sys.stderr)
+            print("gateway: the key is shown only this once; store it now", file=sys.stderr)
+            print(key)
+        elif args.action == "list":
+            print("id\ttenant\tcreated\trevoked")
+            for r in auth.list_keys(path):
+                revoked = _when(r.revoked) if r.revoked is not None else "-"
+                print(f"{r.id}\t{r.tenant}\t{_when(r.created)}\t{revoked}")
+        else:
+            record = auth.revoke_key(path, args.id)
+            print(
+                f"gateway: key {record.id} of tenant {record.tenant!r} is revoked", file=sys.stderr
+            )
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    except KeyError:
+        print(f"gateway: no key with id {args.id!r}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -130,6 +183,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="path to gateway.toml")
     p.add_argument("--bind", help="HOST:PORT (overrides server.bind)")
     p.set_defaults(func=_serve)
+    keys = sub.add_parser("keys", help="manage API keys (auth.keys_file)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    for name, text in [
+        ("add", "create a key for a tenant and print it (once)"),
+        ("list", "list key ids, tenants, creation and revocation times (never secrets)"),
+        ("revoke", "revoke a key by id; the gateway refuses it from the next request"),
+    ]:
+        p = actions.add_parser(name, help=text)
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--config", help="path to gateway.toml (its auth.keys_file)")
+        where.add_argument("--keys-file", help="path to the keys file")
+        if name == "add":
+            p.add_argument("--tenant", required=True)
+        elif name == "revoke":
+            p.add_argument("id")
+        p.set_defaults(func=_keys)
     p = sub.add_parser("transcribe", help="stream a file's transcript live from a gateway")
     p.add_argument("file")
     p.add_argument("--url", default="http://127.0.0.1:8000")

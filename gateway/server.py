@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from .config import Config
 from .errors import ConfigError
 
 __all__ = ["asgi_app", "hypercorn_config", "serve"]
+
+log = logging.getLogger("gateway.server")
 
 # Keys of hypercorn.toml that we accept; hypercorn itself silently keeps misspelled ones.
 _HYPERCORN_KEYS = {
@@ -73,8 +76,59 @@ def hypercorn_config(config: Config, bind: str | None = None) -> HypercornConfig
     # in: that is the slow-loris header limit, and the idle keep-alive limit at once.
     hc.keep_alive_timeout = config.server.header_timeout
     hc.ssl_handshake_timeout = config.server.header_timeout
+    # The gateway writes its own access log; hypercorn's errors go through the root handlers (JSON
+    # or text, see gateway.logs) instead of a plain stderr handler of hypercorn's own.
     hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
+
+
+# After stop_jobs(), streams get this long to send their SHUTTING_DOWN event before the server
+# closes connections.
+_FLUSH_SECONDS = 5.0
+
+
+async def _drain(
+    app: Any,
+    config: Config,
+    signalled: Callable[[], Awaitable[None]],
+    hurry: Callable[[], Awaitable[None]] | None,
+) -> None:
+    """The shutdown trigger handed to hypercorn: returns when the server may stop accepting.
+
+    Why not hand hypercorn the signal directly: hypercorn stops listening at once, so /readyz could
+    not report the drain to the load balancer and new requests would get connection errors instead
+    of a clean 503. So on the signal the app drains first (readyz 503, new jobs refused), in-flight
+    jobs get ``shutdown_grace`` seconds, those left are stopped with SHUTTING_DOWN (never stored),
+    and only then does hypercorn close; the lifespan then closes the engines and the store.
+    """
+    await signalled()
+    state = getattr(app.state, "gateway", None)
+    if state is None:
+        return
+    state.drain()
+    log.info(
+        "draining: %d job(s) in flight, grace %.1f s",
+        state.active_jobs,
+        config.server.shutdown_grace,
+    )
+    async with trio.open_nursery() as nursery:
+        if hurry is not None:
+
+            async def hurried() -> None:
+                await hurry()
+                log.info("second signal: stopping in-flight jobs now")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(hurried)
+        with trio.move_on_after(config.server.shutdown_grace):
+            await state.wait_idle()
+        nursery.cancel_scope.cancel()
+    if state.active_jobs:
+        log.info("grace over: stopping %d job(s)", state.active_jobs)
+    state.stop_jobs()
+    with trio.move_on_after(_FLUSH_SECONDS):
+        await state.wait_idle()
 
 
 async def serve(
@@ -82,12 +136,22 @@ async def serve(
     *,
     bind: str | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    hurry_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown_trigger`` returns (or forever); reports the bound URLs when started."""
+    """Serve until ``shutdown_trigger`` returns and the drain is over (or forever); reports the
+    bound URLs when started. ``hurry_trigger`` (a second signal) cuts the grace short."""
+    app = create_app(config)
+    trigger = None
+    if shutdown_trigger is not None:
+        signalled = shutdown_trigger
+
+        async def trigger() -> None:
+            await _drain(app, config, signalled, hurry_trigger)
+
     await hypercorn_serve(
-        asgi_app(config),  # type: ignore[arg-type]
+        asgi_app(config, app),  # type: ignore[arg-type]
         hypercorn_config(config, bind),
-        shutdown_trigger=shutdown_trigger,
+        shutdown_trigger=trigger,
         task_status=task_status,
     )
