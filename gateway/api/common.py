@@ -8,7 +8,7 @@ the pipeline, the store and the engines are the same for all of them.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,8 +18,16 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from ..audio import Upload, open_decoder, receive_upload
-from ..errors import InvalidOption, RequestTimeout, UnknownEngine, UpstreamUnavailable
+from ..errors import (
+    GatewayError,
+    InvalidOption,
+    RequestTimeout,
+    ShuttingDown,
+    UnknownEngine,
+    UpstreamUnavailable,
+)
 from ..events import Done, Failed, StreamEvent
+from ..logs import current_request
 from ..pipeline import KEEPALIVE, Job, Outbox, keepalive, run_job
 
 if TYPE_CHECKING:
@@ -107,16 +115,28 @@ async def prepare_job(
     tenant: str = "",
 ) -> Job:
     """Check the engine and probe the audio; every failure here is a 4xx/5xx before the stream."""
+    entry = current_request()
+    release: Callable[[], None] | None = None
     try:
+        if state.draining:
+            raise ShuttingDown("the gateway is shutting down", retry_after=1)
+        release = state.tenant_streams.acquire(tenant)
         engine = state.engine(engine_name)
         engine.admit()
         reason = await engine.readiness()
         if reason is not None:
             raise UpstreamUnavailable(reason)
         decoder = await anyio.to_thread.run_sync(open_decoder, upload.path)
-    except BaseException:
+    except BaseException as exc:
+        if release is not None:
+            release()
+        if entry is not None and isinstance(exc, GatewayError):
+            entry.outcome = exc.code
         await upload.aclose()
         raise
+    state.job_started()
+    if entry is not None:
+        entry.engine, entry.audio_seconds = engine.name, decoder.duration
     return Job(
         upload=upload,
         decoder=decoder,
@@ -126,6 +146,10 @@ async def prepare_job(
         use_cache=use_cache,
         tenant=tenant,
         total_time=decoder.duration,
+        max_seconds=state.config.server.max_session_seconds,
+        stop=state.stop,
+        on_close=[state.job_ended, release],
+        on_outcome=entry.set_outcome if entry is not None else None,
     )
 
 
