@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import hashlib
 import hmac
-import importlib
 import logging
 import os
 import re
@@ -268,26 +267,16 @@ class TenantStreams:
         return release
 
 
-# Each front API answers in its own error shape; the module is imported on first use.
-_ERROR_SHAPES = (
-    ("/v1/audio/", "gateway.api.openai_compat"),
-    ("/v1/models", "gateway.api.openai_compat"),
-    ("/asr/", "gateway.api.aymurai"),
-)
-
-
 def error_response_for(path: str, exc: GatewayError) -> Response:
-    """``exc`` rendered by the front API that owns ``path`` (the native shape by default)."""
-    module = "gateway.api.native"
-    for prefix, owner in _ERROR_SHAPES:
-        if path.startswith(prefix):
-            module = owner
-            break
-    try:
-        render: Callable[[GatewayError], Response] = importlib.import_module(module).error_response
-    except (ImportError, AttributeError):
-        from .api.native import error_response as render
-    return render(exc)
+    """``exc`` in the error shape of the front API that owns ``path`` (native by default)."""
+    # Imported here: `gateway keys` needs this module but none of the web stack.
+    from .api import aymurai, native, openai_compat
+
+    if path.startswith(("/v1/audio/", "/v1/models")):
+        return openai_compat.error_response(exc)
+    if path.startswith("/asr/"):
+        return aymurai.error_response(exc)
+    return native.error_response(exc)
 
 
 def _bearer(headers: Headers) -> str | None:
