@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -129,6 +130,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         params["language"] = args.language
     if args.no_cache:
         params["use_cache"] = "false"
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     tty = sys.stderr.isatty()
     columns = shutil.get_terminal_size((100, 20)).columns
     final: dict[str, Any] | None = None
@@ -136,7 +138,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     try:
         with (
             path.open("rb") as f,
-            httpx.Client(timeout=httpx.Timeout(30.0, read=None)) as client,
+            httpx.Client(timeout=httpx.Timeout(30.0, read=None), headers=headers) as client,
             client.stream("POST", url, params=params, files={"file": (path.name, f)}) as response,
         ):
             if response.status_code != 200:
@@ -205,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default="")
     p.add_argument("--language", default="")
     p.add_argument("--no-cache", action="store_true", help="transcribe again even if stored")
+    # Not GATEWAY_*: that prefix is reserved for configuration overrides.
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("ASR_GATEWAY_API_KEY", ""),
+        help="API key (default: $ASR_GATEWAY_API_KEY)",
+    )
     p.set_defaults(func=_transcribe)
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -4,6 +4,7 @@ the store and the cache, the per-tenant stream limit, and the `gateway keys` com
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -365,3 +366,30 @@ async def test_keys_cli_add_list_revoke_as_a_subprocess(tmp_path: Path) -> None:
         assert bad.returncode == 2 and b"tenant" in bad.stderr
         unset = await run("list", check=False)
         assert unset.returncode == 2 and b"auth.keys_file" in unset.stderr
+
+
+async def test_transcribe_client_sends_its_api_key(tmp_path: Path) -> None:
+    config = auth_config(tmp_path)
+    _, key = add_key(config.auth.keys_file, "alpha")
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw:
+            command = [*GATEWAY, "transcribe", str(GOFORWARD), "--url", gw.url]
+            refused = await trio.run_process(
+                command, capture_stdout=True, capture_stderr=True, check=False
+            )
+            flag = await trio.run_process(
+                [*GATEWAY, "transcribe", str(GOFORWARD), "--url", gw.url, "--api-key", key],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            env = await trio.run_process(
+                command,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env={**os.environ, "ASR_GATEWAY_API_KEY": key},
+            )
+    assert refused.returncode == 1 and b"401" in refused.stderr
+    assert flag.returncode == 0 and flag.stdout.decode().strip() == "alpha beta gamma"
+    assert env.returncode == 0 and env.stdout.decode().strip() == "alpha beta gamma"
