@@ -410,7 +410,11 @@ async def test_forwarded_headers_from_one_trusted_hop(
     with trio.fail_after(30):
         async with behind_nginx(tmp_path, wrap=spy.wrap, trusted_hops=1) as p:
             c = p.client
-            forged = {"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "gopher"}
+            forged = {
+                "x-forwarded-for": "203.0.113.7",
+                "x-forwarded-proto": "gopher",
+                "x-forwarded-host": "evil.example",
+            }
             first = await c.get("/healthz", headers={**forged, "x-request-id": "req-42"})
             second = await c.get("/healthz")
             await wait_until(lambda: len(access_log(caplog)) == 2)
@@ -421,6 +425,7 @@ async def test_forwarded_headers_from_one_trusted_hop(
     assert one["client"] == two["client"] == CLIENT_ADDRESS
     # X-Forwarded-Proto is nginx's own ($scheme), whatever the client sent.
     assert one["scheme"] == two["scheme"] == "https"
+    assert one["headers"]["host"] == "127.0.0.1"
     # A client's request id passes through (and comes back); without one, nginx makes one up.
     assert one["headers"]["x-request-id"] == first.headers["x-request-id"] == "req-42"
     generated = two["headers"]["x-request-id"]
