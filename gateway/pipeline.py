@@ -71,8 +71,9 @@ class Outbox:
         self._progress: Progress | None = None
         self._final: Done | Failed | None = None
         self._keepalive = False
-        self._wakeup = anyio.Event()
-        self._sent = anyio.Event()
+        # Created only while someone waits, so a busy stream allocates no events per frame.
+        self._wakeup: anyio.Event | None = None
+        self._sent: anyio.Event | None = None
         self.last_sent = anyio.current_time()
         self.finished = False
 
@@ -86,11 +87,13 @@ class Outbox:
             self._progress = event
         else:
             self._final = event
-        self._wakeup.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def request_keepalive(self) -> None:
         self._keepalive = True
-        self._wakeup.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     @property
     def final(self) -> Done | Failed | None:
@@ -98,29 +101,38 @@ class Outbox:
 
     def mark_sent(self) -> None:
         self.last_sent = anyio.current_time()
-        self._sent.set()
-        self._sent = anyio.Event()
+        if self._sent is not None:
+            self._sent.set()
+            self._sent = None
 
     async def wait_sent(self) -> None:
+        if self._sent is None:
+            self._sent = anyio.Event()
         await self._sent.wait()
 
+    def get_nowait(self) -> StreamEvent | _Keepalive | None:
+        """The next event if one is ready, else None; never blocks."""
+        if self._queued is not None:
+            event: StreamEvent = self._queued
+            self._queued = None
+            return event
+        if self._progress is not None and not isinstance(self._final, Failed):
+            event, self._progress = self._progress, None
+            return event
+        if self._final is not None:
+            self.finished = True
+            return self._final
+        if self._keepalive:
+            self._keepalive = False
+            return KEEPALIVE
+        return None
+
     async def get(self) -> StreamEvent | _Keepalive:
-        while True:
-            if self._queued is not None:
-                event: StreamEvent = self._queued
-                self._queued = None
-                return event
-            if self._progress is not None and not isinstance(self._final, Failed):
-                event, self._progress = self._progress, None
-                return event
-            if self._final is not None:
-                self.finished = True
-                return self._final
-            if self._keepalive:
-                self._keepalive = False
-                return KEEPALIVE
+        while (event := self.get_nowait()) is None:
             self._wakeup = anyio.Event()
             await self._wakeup.wait()
+            self._wakeup = None
+        return event
 
     async def __aiter__(self) -> AsyncIterator[StreamEvent | _Keepalive]:
         while not self.finished:

@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from .. import exports
 from ..errors import GatewayError, InvalidBody, InvalidOption, NotFound, PayloadTooLarge
-from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript
+from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript, join_text
 from .common import (
     SSEStream,
     check_engine,
@@ -33,6 +33,16 @@ __all__ = ["NativeTranslator", "error_response", "routes"]
 class _Snapshot(msgspec.Struct):
     id: str
     segments: tuple[Segment, ...]
+    text: str
+    current_time: float
+    total_time: float | None
+
+
+class _LiveSnapshot(msgspec.Struct):
+    """A :class:`_Snapshot` with its segments already encoded: the same fields, the same bytes."""
+
+    id: str
+    segments: msgspec.Raw
     text: str
     current_time: float
     total_time: float | None
@@ -62,10 +72,6 @@ class _ErrorBody(msgspec.Struct):
 _encoder = msgspec.json.Encoder()
 
 
-def _snapshot(t: Transcript) -> _Snapshot:
-    return _Snapshot(t.id, t.segments, t.text, t.current_time, t.total_time)
-
-
 def _final(done: Done) -> _Final:
     t = done.transcript
     return _Final(
@@ -73,23 +79,68 @@ def _final(done: Done) -> _Final:
     )
 
 
+def _join(a: str, b: str) -> str:
+    return f"{a} {b}" if a and b else a or b
+
+
+_TRANSCRIPTION = b"event: transcription\r\ndata: "
+_DONE = b"event: done\r\ndata: "
+_ERROR = b"event: error\r\ndata: "
+_QUEUED = b"event: queued\r\ndata: "
+_END = b"\r\n\r\n"
+
+
 class NativeTranslator:
-    """Typed events to ``event: <type>`` / ``data: <json>`` frames."""
+    """Typed events to ``event: <type>`` / ``data: <json>`` frames; one translator per stream.
+
+    Snapshots are cumulative: encoding every segment of each one costs O(transcript) per event,
+    O(n^2) per stream. Engines only ever append to the committed segments, so the translator keeps
+    the JSON and the text of the committed segments it has already encoded and encodes only the
+    new and the tentative ones. The kept prefix is compared with each snapshot's (a C-level tuple
+    comparison, by identity when the engine reuses its segment objects) and rebuilt if it differs,
+    so the bytes are always those of a full encoding.
+    """
 
     keepalive_frame = b": keepalive\r\n\r\n"
 
+    def __init__(self) -> None:
+        self._kept: tuple[Segment, ...] = ()
+        self._kept_json = bytearray()  # the kept segments' JSON objects, comma-separated
+        self._kept_text = ""
+
     @staticmethod
-    def _frame(name: bytes, payload: object) -> bytes:
-        return b"event: " + name + b"\r\ndata: " + _encoder.encode(payload) + b"\r\n\r\n"
+    def _frame(prefix: bytes, payload: object) -> bytes:
+        return b"".join((prefix, _encoder.encode(payload), _END))
+
+    def _snapshot(self, t: Transcript) -> _LiveSnapshot:
+        committed = t.segments[: t.committed]
+        if committed[: len(self._kept)] != self._kept:
+            self._kept, self._kept_json, self._kept_text = (), bytearray(), ""
+        if new := committed[len(self._kept) :]:
+            if self._kept_json:
+                self._kept_json += b","
+            self._kept_json += _encoder.encode(new)[1:-1]
+            self._kept_text = _join(self._kept_text, join_text(new))
+            self._kept = committed
+        tentative = t.segments[t.committed :]
+        if not tentative:
+            segments = b"".join((b"[", self._kept_json, b"]"))
+            text = self._kept_text
+        else:
+            tail = _encoder.encode(tentative)
+            comma = b"," if self._kept_json else b""
+            segments = b"".join((b"[", self._kept_json, comma, memoryview(tail)[1:]))
+            text = _join(self._kept_text, join_text(tentative))
+        return _LiveSnapshot(t.id, msgspec.Raw(segments), text, t.current_time, t.total_time)
 
     def encode(self, event: StreamEvent) -> bytes | None:
         if isinstance(event, Progress):
-            return self._frame(b"transcription", _snapshot(event.transcript))
+            return self._frame(_TRANSCRIPTION, self._snapshot(event.transcript))
         if isinstance(event, Done):
-            return self._frame(b"done", _final(event))
+            return self._frame(_DONE, _final(event))
         if isinstance(event, Failed):
-            return self._frame(b"error", _Error(event.code, event.detail))
-        return self._frame(b"queued", {"position": event.position})
+            return self._frame(_ERROR, _Error(event.code, event.detail))
+        return self._frame(_QUEUED, {"position": event.position})
 
 
 def error_response(exc: GatewayError) -> Response:
