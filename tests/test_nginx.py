@@ -94,7 +94,7 @@ def render_conf(
         (r"^worker_processes .*;\n", "daemon off;\nmaster_process off;\n", 1),
         (r"^pid .*;", f"pid {tmp}/nginx.pid;", 1),
         (r"^error_log .*;", f"error_log {tmp}/error.log info;", 1),
-        (r"^    access_log .*;", f"    access_log {tmp}/access.log;", 1),
+        (r"^    access_log \S+", f"    access_log {tmp}/access.log", 1),
         (r"^http \{\n", "http {\n" + temp_paths + extra, 1),
         (r"server 127\.0\.0\.1:8000;", f"server 127.0.0.1:{upstream};", 1),
         (r"^ *listen \[::\]:.*\n", "", 2),
@@ -418,6 +418,8 @@ async def test_forwarded_headers_from_one_trusted_hop(
             first = await c.get("/healthz", headers={**forged, "x-request-id": "req-42"})
             second = await c.get("/healthz")
             await wait_until(lambda: len(access_log(caplog)) == 2)
+            nginx_log = tmp_path / "nginx" / "access.log"
+            await wait_until(lambda: nginx_log.read_text().count("rid=") == 2)
     assert first.status_code == second.status_code == 200
     one, two = spy.seen
     # nginx appended the address it saw; one trusted hop takes exactly that entry.
@@ -433,6 +435,8 @@ async def test_forwarded_headers_from_one_trusted_hop(
     assert second.headers["x-request-id"] == generated
     # The access log names the real client under the id both sides know.
     assert access_log(caplog) == {"req-42": CLIENT_ADDRESS, generated: CLIENT_ADDRESS}
+    # ...and nginx's access log under the same ids.
+    assert re.findall(r"rid=(\S+)", nginx_log.read_text()) == ["req-42", generated]
 
 
 @pytest.mark.nginx
@@ -520,5 +524,6 @@ def test_shipped_limits_match_the_gateway_defaults() -> None:
     timeouts = [int(t) for t in re.findall(r"proxy_read_timeout (\d+)s;", text)]
     assert timeouts and min(timeouts) > 2 * server.keepalive
     # nginx drops idle upstream connections before hypercorn does (header_timeout).
-    [upstream_idle] = re.findall(r"^\s*keepalive_timeout (\d+)s;", text.split("upstream")[1], re.M)
+    [block] = re.findall(r"^    upstream gateway \{\n(.*?)^    \}", text, re.M | re.S)
+    [upstream_idle] = re.findall(r"^\s*keepalive_timeout (\d+)s;", block, re.M)
     assert int(upstream_idle) < server.header_timeout
