@@ -30,6 +30,10 @@ lint: install
 bench: install
 	$(BIN)/python bench/embedded.py
 	$(BIN)/python bench/pacing.py
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/idle.py
+	$(BIN)/python bench/longaudio.py
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

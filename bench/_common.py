@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.metadata
 import io
 import json
@@ -88,6 +89,13 @@ def _toml(config: Mapping[str, Any], prefix: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the benchmark dies (Linux prctl), so a killed
+    benchmark leaves no server behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _child_pid(pid: int) -> int | None:
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -132,11 +140,12 @@ def start_server(
     with logfile.open("wb") as log:
         proc = subprocess.Popen(
             [*wrap, *argv],
-            cwd=ROOT,
+            cwd=ROOT,  # `python -m gateway.cli` imports the gateway of this checkout
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent,
         )
     pid = proc.pid
     try:
@@ -204,7 +213,8 @@ async def wait_until(check: Callable[[], Awaitable[bool]], interval: float = 0.0
 
 def active_streams(url: str) -> float:
     """The gateway's ``gateway_active_streams`` gauge, summed over engines (GET /metrics)."""
-    text = httpx.get(url + "/metrics", timeout=10).text
+    # Connection: close, so polling does not leave keep-alive sockets in the gateway's fd count.
+    text = httpx.get(url + "/metrics", headers={"Connection": "close"}, timeout=120).text
     values = re.findall(r"^gateway_active_streams\{[^}]*\} (\S+)$", text, re.MULTILINE)
     return sum(float(v) for v in values)
 

@@ -1,0 +1,240 @@
+"""Idle SSE streams: the gateway's memory and descriptors per open stream.
+
+A real ``gateway serve`` subprocess on 127.0.0.1 with one scripted engine that waits ``--delay``
+seconds (default an hour) before its first update, and ``server.keepalive`` = ``--keepalive``.
+Each stream uploads the same short silent WAV (raw ``audio/wav`` body, ``use_cache=false``), gets
+its 200 and then only keepalive comments: the engine session is open, the decoder is probed and
+has decoded the short file, and every task of the request waits.
+
+Steps: a warm-up (``--warmup`` streams opened and closed, so one-off allocations are not counted),
+then the baseline RSS and descriptor count; then streams are opened (``--batch`` at a time) up to
+each point of ``--points``, and once every open stream has received a keepalive sent after the
+last one was opened and ``gateway_active_streams`` equals the count, the gateway's RSS
+(/proc/<pid>/statm) and open descriptors (/proc/<pid>/fd) are read:
+
+    RSS per stream = (RSS with N streams - baseline RSS) / N
+
+At the end every connection is closed and the script waits for the gauge to return to 0.
+Both this process and the gateway get RLIMIT_NOFILE raised to the hard limit.
+
+Run from the repository root: ``python bench/idle.py`` (about 2 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    ROOT,
+    SSEReader,
+    active_streams,
+    fd_count,
+    machine,
+    markdown_table,
+    raise_fd_limit,
+    rss_bytes,
+    silent_wav,
+    start_gateway,
+    upload_request,
+    wait_until,
+)
+
+TARGET = "/v1/transcriptions/stream?use_cache=false"
+
+
+@dataclass
+class Point:
+    n: int
+    rss: int
+    fds: int
+    open_seconds: float
+
+
+class Streams:
+    """Open SSE streams that read keepalives until their scope is cancelled."""
+
+    def __init__(self, host: str, port: int, request: bytes) -> None:
+        self.host, self.port, self.request = host, port, request
+        self.opened = 0
+        # The newest keepalive arrival per stream.
+        self.last_keepalive: list[float] = []
+        self.failures: list[str] = []
+
+    async def _one(self, task_status: Any) -> None:
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        async with stream:
+            reader = SSEReader(stream)
+            await stream.send_all(self.request)
+            if await reader.head() != 200:
+                self.failures.append(f"HTTP {reader.status}: {(await reader.body())[:200]!r}")
+                task_status.started()
+                return
+            i = len(self.last_keepalive)
+            self.last_keepalive.append(0.0)
+            self.opened += 1
+            task_status.started()
+            async for frame, t in reader.events():
+                if frame.startswith(b":"):
+                    self.last_keepalive[i] = t
+                else:
+                    self.failures.append(f"unexpected event {frame[:80]!r}")
+                    return
+
+    async def open(self, nursery: trio.Nursery, count: int, batch: int) -> None:
+        """Open ``count`` more streams, ``batch`` at a time, each running in ``nursery``."""
+        for i in range(0, count, batch):
+            async with trio.open_nursery() as starting:
+                for _ in range(min(batch, count - i)):
+                    starting.start_soon(nursery.start, self._one)
+            if self.failures:
+                raise RuntimeError(f"{len(self.failures)} streams failed: {self.failures[:3]}")
+
+    async def settle(self, url: str, since: float) -> None:
+        """Wait until every stream got a keepalive after ``since`` and the gauge agrees."""
+
+        async def all_kept_alive() -> bool:
+            return min(self.last_keepalive, default=since + 1) > since
+
+        async def gauge_agrees() -> bool:
+            return await trio.to_thread.run_sync(active_streams, url) == self.opened
+
+        await wait_until(all_kept_alive, 0.1)
+        await wait_until(gauge_agrees, 0.1)
+        if self.failures:
+            raise RuntimeError(f"{len(self.failures)} streams failed: {self.failures[:3]}")
+
+
+async def drain(url: str, pid: int, fds: int | None) -> float:
+    """Seconds until ``gateway_active_streams`` is back to 0 and the gateway holds at most ``fds``
+    descriptors (the gauge drops before each request's socket and spool file are closed); with
+    ``fds`` None, until the count has not changed for a second."""
+    t0 = time.perf_counter()
+    seen: list[tuple[float, int]] = []
+
+    async def drained() -> bool:
+        if await trio.to_thread.run_sync(active_streams, url) != 0:
+            return False
+        now, count = time.perf_counter(), fd_count(pid)
+        if fds is not None:
+            return count <= fds
+        if not seen or seen[-1][1] != count:
+            seen.append((now, count))
+        return now - seen[-1][0] >= 1.0
+
+    await wait_until(drained)
+    return time.perf_counter() - t0
+
+
+async def measure(url: str, pid: int, wav: bytes, args: Any) -> tuple[Point, list[Point], float]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    request = upload_request(host, int(port), TARGET, wav, "audio/wav")
+    settle_timeout = 3 * args.keepalive + 60
+
+    async with trio.open_nursery() as nursery:
+        warm = Streams(host, int(port), request)
+        await warm.open(nursery, args.warmup, args.batch)
+        with trio.fail_after(settle_timeout):
+            await warm.settle(url, time.perf_counter())
+        nursery.cancel_scope.cancel()
+    with trio.fail_after(60):
+        await drain(url, pid, None)
+    base = Point(0, rss_bytes(pid), fd_count(pid), 0.0)
+
+    points: list[Point] = []
+    async with trio.open_nursery() as nursery:
+        streams = Streams(host, int(port), request)
+        for n in args.points:
+            t0 = time.perf_counter()
+            await streams.open(nursery, n - streams.opened, args.batch)
+            opened = time.perf_counter()
+            with trio.fail_after(settle_timeout):
+                await streams.settle(url, opened)
+            point = Point(n, rss_bytes(pid), fd_count(pid), opened - t0)
+            points.append(point)
+            print(f"  {n} streams open: {point}", file=sys.stderr)
+        nursery.cancel_scope.cancel()
+    with trio.fail_after(120):
+        drained = await drain(url, pid, base.fds)
+    return base, points, drained
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--points", default="1000,5000", help="stream counts, comma-separated")
+    parser.add_argument("--keepalive", type=float, default=5.0)
+    parser.add_argument("--delay", type=float, default=3600.0)
+    parser.add_argument("--audio-seconds", type=float, default=0.5)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=100)
+    args = parser.parse_args()
+    args.points = sorted(int(x) for x in args.points.split(","))
+    limit = raise_fd_limit()
+    wav = silent_wav(args.audio_seconds)
+
+    print("# Idle SSE streams held by keepalives (bench/idle.py)\n")
+    print(machine())
+    print(f"gateway source: {ROOT}")
+    print(
+        f"\nscripted engine with delay {args.delay:.0f} s; server.keepalive {args.keepalive:g} s; "
+        f"upload: {args.audio_seconds:g} s silent WAV, 16 kHz mono ({len(wav):,} bytes, raw "
+        f"body, use_cache=false); RLIMIT_NOFILE {limit} (client and gateway); loopback only"
+    )
+    config = {
+        "server": {
+            "default_engine": "scripted",
+            "keepalive": args.keepalive,
+            "shutdown_grace": 1.0,
+        },
+        "engines": {"scripted": {"kind": "scripted", "delay": args.delay, "seconds_per_word": 0.1}},
+    }
+    with start_gateway(config) as gw:
+        base, points, drained = trio.run(measure, gw.url, gw.pid, wav, args)
+        after = Point(0, rss_bytes(gw.pid), fd_count(gw.pid), 0.0)
+
+    kib = 1024
+    rows = [
+        ["0 (baseline, after warm-up)", f"{base.rss / kib / kib:.1f}", "-", str(base.fds), "-", "-"]
+    ]
+    for p in points:
+        rows.append(
+            [
+                str(p.n),
+                f"{p.rss / kib / kib:.1f}",
+                f"{(p.rss - base.rss) / p.n / kib:.1f}",
+                str(p.fds),
+                f"{(p.fds - base.fds) / p.n:.2f}",
+                f"{p.open_seconds:.1f}",
+            ]
+        )
+    rows.append(
+        [
+            f"0 (all closed, drained in {drained:.1f} s)",
+            f"{after.rss / kib / kib:.1f}",
+            "-",
+            str(after.fds),
+            "-",
+            "-",
+        ]
+    )
+    print(
+        markdown_table(
+            "Gateway process with N idle streams (opening time: from the first new connection to "
+            "the last 200, cumulative points)",
+            ["streams", "RSS MiB", "RSS KiB / stream", "open fds", "fds / stream", "opening s"],
+            rows,
+        )
+    )
+    print("\ngateway_active_streams after closing every connection: 0")
+
+
+if __name__ == "__main__":
+    main()
