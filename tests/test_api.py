@@ -36,7 +36,7 @@ async def test_stream_embedded_engine_live_then_done(tmp_path: Path) -> None:
     with trio.fail_after(120):
         async with (
             run_gateway(make_config(tmp_path)) as gw,
-            httpx.AsyncClient(base_url=gw.url) as c,
+            httpx.AsyncClient(base_url=gw.url, timeout=60) as c,
         ):
             async with c.stream("POST", STREAM, files=upload(LIBRIVOX)) as r:
                 assert r.status_code == 200
@@ -73,7 +73,7 @@ async def test_stream_embedded_engine_live_then_done(tmp_path: Path) -> None:
 async def test_cache_hit_is_a_single_done_and_restart_keeps_it(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     with trio.fail_after(60):
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             first = (await c.post("/v1/transcriptions", files=upload(GOFORWARD))).json()
             assert first["cached"] is False and "forward" in first["text"]
             async with c.stream("POST", STREAM, files=upload(GOFORWARD)) as r:
@@ -88,7 +88,7 @@ async def test_cache_hit_is_a_single_done_and_restart_keeps_it(tmp_path: Path) -
                 again = await collect(r)
             assert again[-1].data["cached"] is False and len(again) > 1
         # A new process on the same database still has it.
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             stored = await c.get(f"/v1/transcriptions/{first['id']}")
             assert stored.status_code == 200 and stored.json()["text"] == first["text"]
             r2 = await c.post("/v1/transcriptions", files=upload(GOFORWARD))
@@ -99,7 +99,7 @@ async def test_stored_transcript_formats_and_unknown_id(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with (
             run_gateway(make_config(tmp_path)) as gw,
-            httpx.AsyncClient(base_url=gw.url) as c,
+            httpx.AsyncClient(base_url=gw.url, timeout=60) as c,
         ):
             done = (await c.post("/v1/transcriptions", files=upload(GOFORWARD))).json()
             base = f"/v1/transcriptions/{done['id']}"
@@ -121,7 +121,7 @@ async def test_stored_transcript_formats_and_unknown_id(tmp_path: Path) -> None:
 async def test_raw_body_upload_and_the_same_bytes_give_the_same_id(tmp_path: Path) -> None:
     config = make_config(tmp_path, engines=engines(fake=scripted(words=["a", "b", "c"])))
     with trio.fail_after(60):
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             body = GOFORWARD.read_bytes()
             raw = await c.post(
                 "/v1/transcriptions",
@@ -173,7 +173,7 @@ async def test_bad_input_is_a_json_error_before_the_stream(
     with trio.fail_after(30):
         async with (
             run_gateway(make_config(tmp_path)) as gw,
-            httpx.AsyncClient(base_url=gw.url) as c,
+            httpx.AsyncClient(base_url=gw.url, timeout=60) as c,
         ):
             headers = {"content-type": ctype} if ctype else {}
             for path in (STREAM, "/v1/transcriptions"):
@@ -188,7 +188,7 @@ async def test_unknown_engine_is_404(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with (
             run_gateway(make_config(tmp_path)) as gw,
-            httpx.AsyncClient(base_url=gw.url) as c,
+            httpx.AsyncClient(base_url=gw.url, timeout=60) as c,
         ):
             q = await c.post(STREAM, params={"engine": "nope"}, files=upload(GOFORWARD))
             f = await c.post(STREAM, data={"engine": "nope"}, files=upload(GOFORWARD))
@@ -210,7 +210,7 @@ async def test_oversize_upload_is_413_while_receiving(tmp_path: Path) -> None:
             yield b"\0" * 10_000
 
     with trio.fail_after(30):
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             declared = await c.post(STREAM, files=upload(LIBRIVOX))
             assert declared.status_code == 413
             assert declared.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
@@ -229,7 +229,7 @@ async def test_engine_failure_mid_stream_is_one_error_event_and_nothing_stored(
         engines=engines(bad=scripted(words=["x"] * 10, seconds_per_word=0.25, fail_after=3)),
     )
     with trio.fail_after(30):
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             async with c.stream(
                 "POST", STREAM, params={"engine": "bad"}, files=upload(GOFORWARD)
             ) as r:
@@ -265,7 +265,7 @@ async def test_decode_error_after_the_stream_started(tmp_path: Path) -> None:
         tmp_path, engines=engines(fake=scripted(words=["w"] * 100, seconds_per_word=0.5))
     )
     with trio.fail_after(60):
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             async with c.stream(
                 "POST", STREAM, params={"engine": "fake"}, files=upload(broken)
             ) as r:
@@ -285,7 +285,7 @@ async def test_disconnect_mid_stream_closes_the_session_and_stores_nothing(tmp_p
         tmp_path, engines=engines(slow=scripted(words=["w"] * 20, seconds_per_word=0.1, delay=0.05))
     )
     with trio.fail_after(30):
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             engine = gw.state.engines["slow"]
             assert isinstance(engine, ScriptedEngine)
             async with (
@@ -310,7 +310,7 @@ async def test_slow_reader_gets_conflated_snapshots(tmp_path: Path) -> None:
         tmp_path, engines=engines(fast=scripted(words=words, seconds_per_word=24.7 / 1500))
     )
     with trio.fail_after(60):
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             engine = gw.state.engines["fast"]
             assert isinstance(engine, ScriptedEngine)
             async with (
@@ -352,7 +352,7 @@ async def test_health_ready_and_metrics(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with (
             run_gateway(make_config(tmp_path)) as gw,
-            httpx.AsyncClient(base_url=gw.url) as c,
+            httpx.AsyncClient(base_url=gw.url, timeout=60) as c,
         ):
             assert (await c.get("/healthz")).status_code == 200
             ready = await c.get("/readyz")
@@ -374,7 +374,7 @@ async def test_readyz_is_503_when_the_store_is_not_writable(tmp_path: Path) -> N
     with trio.fail_after(30):
         async with (
             run_gateway(make_config(tmp_path)) as gw,
-            httpx.AsyncClient(base_url=gw.url) as c,
+            httpx.AsyncClient(base_url=gw.url, timeout=60) as c,
         ):
             store = gw.state.store
 
@@ -399,7 +399,7 @@ async def test_queued_positions_when_sessions_are_busy(tmp_path: Path) -> None:
     files = [write_wav(tmp_path / f"s{i}.wav", pcm_of(GOFORWARD) + bytes(2 * i)) for i in range(4)]
     results: dict[int, list[str]] = {}
     with trio.fail_after(60):
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
 
             async def one(i: int, started: trio.Event) -> None:
                 async with c.stream(
@@ -438,7 +438,7 @@ async def test_keepalive_over_a_real_socket(tmp_path: Path) -> None:
         engines=engines(slow=scripted(words=["a"], seconds_per_word=5.0, delay=0.5)),
     )
     with trio.fail_after(30):
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             async with c.stream(
                 "POST", STREAM, params={"engine": "slow"}, files=upload(GOFORWARD)
             ) as r:
@@ -455,7 +455,7 @@ async def test_corrections_replace_the_transcript_everywhere_and_survive_retrans
 ) -> None:
     config = make_config(tmp_path, engines=engines(fake=scripted(words=["helo", "wrld"])))
     with trio.fail_after(60):
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             params = {"engine": "fake"}
             done = (
                 await c.post("/v1/transcriptions", params=params, files=upload(GOFORWARD))
@@ -514,7 +514,7 @@ async def test_max_session_seconds_ends_a_stream_with_timeout_and_stores_nothing
         engines=engines(slow=scripted(delay=3600.0)),
     )
     with trio.fail_after(30):
-        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             async with c.stream(
                 "POST", STREAM, params={"engine": "slow"}, files=upload(GOFORWARD)
             ) as r:
