@@ -347,41 +347,45 @@ def measure(
 # --- profile -------------------------------------------------------------------------------------
 
 
+# Frames every sample passes through (runners, the event loop, worker threads): not hot spots.
+_RUNNERS = ("runpy", "threading.py", "gateway/cli.py", "trio/_core/_run.py", "outcome/")
+
+
 def summarise_profile(raw: Path, top: int) -> str:
-    """Top functions by own samples and by inclusive samples from py-spy's collapsed stacks."""
+    """Top functions by own samples and by inclusive samples from py-spy's collapsed stacks.
+
+    Stacks under an import (start-up) are left out; functions are counted once per stack whatever
+    the line; the inclusive table leaves out the runners every sample passes through.
+    """
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        total += n
-        own[frames[-1]] += n
-        for f in set(frames):
-            inclusive[f] += n
 
     def short(frame: str) -> str:
         name, _, where = frame.partition(" (")
-        where = where.rstrip(")").replace(str(ROOT) + "/", "")
-        where = where.split("site-packages/")[-1]
+        where = where.rstrip(")").replace(str(ROOT) + "/", "").split("site-packages/")[-1]
         return f"`{name}` {where.rsplit(':', 1)[0]}"
 
-    def rows(counter: Counter[str]) -> list[list[str]]:
-        return [[short(f), str(c), f"{c / total:.1%}"] for f, c in counter.most_common(top)]
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or "_find_and_load" in stack:
+            continue
+        n = int(count)
+        frames = [short(f) for f in stack.split(";")]
+        total += n
+        own[frames[-1]] += n
+        for f in set(frames):
+            if not any(r in f for r in _RUNNERS):
+                inclusive[f] += n
 
+    def rows(counter: Counter[str]) -> list[list[str]]:
+        return [[f, str(c), f"{c / total:.1%}"] for f, c in counter.most_common(top)]
+
+    header = ["function", "samples", "share"]
     return "\n".join(
         [
-            markdown_table(
-                f"Top {top} by own samples ({total} samples)",
-                ["function", "samples", "share"],
-                rows(own),
-            ),
-            markdown_table(
-                f"Top {top} by inclusive samples", ["function", "samples", "share"], rows(inclusive)
-            ),
+            markdown_table(f"Top {top} by own samples ({total} samples)", header, rows(own)),
+            markdown_table(f"Top {top} by inclusive samples", header, rows(inclusive)),
         ]
     )
 
