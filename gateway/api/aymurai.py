@@ -29,11 +29,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ..audio import Upload
 from ..errors import GatewayError, InvalidBody, NotFound
 from ..events import Done, Failed, Progress, Segment, StreamEvent, join_text
 from ..pipeline import Job
 from ..store import content_uuid
-from .common import SSEStream, option, parse_bool, prepare_job, receive, run_to_end, tenant_of
+from .common import (
+    JobOptions,
+    SSEStream,
+    gateway_state,
+    option,
+    parse_bool,
+    receive_job,
+    run_to_end,
+    tenant_of,
+)
 from .native import parse_segments, read_json_body
 
 if TYPE_CHECKING:
@@ -249,29 +259,17 @@ def _json(payload: object) -> Response:
     return Response(_encoder.encode(payload), media_type="application/json")
 
 
-def _state(request: Request) -> GatewayState:
-    state: GatewayState = request.app.state.gateway
-    return state
-
-
 async def _job(request: Request) -> tuple[GatewayState, Job]:
-    state = _state(request)
     # A bad query fails before the upload is read; a form field is checked after.
     parse_bool("use_cache", request.query_params.get("use_cache", ""), True)
-    upload = await receive(request, state)
-    try:
-        use_cache = parse_bool("use_cache", option(request, upload, "use_cache"), True)
-    except BaseException:
-        await upload.aclose()
-        raise
-    job = await prepare_job(
-        state,
-        upload,
-        engine_name=state.config.aymurai.engine,
-        language="",
-        use_cache=use_cache,
-        tenant=tenant_of(request),
-    )
+
+    def parse(state: GatewayState, upload: Upload) -> JobOptions:
+        return JobOptions(
+            engine=state.config.aymurai.engine,
+            use_cache=parse_bool("use_cache", option(request, upload, "use_cache"), True),
+        )
+
+    state, job, _ = await receive_job(request, parse)
     return state, job
 
 
@@ -307,7 +305,7 @@ class _Transcribe:
 
 async def _find(request: Request) -> tuple[GatewayState, str]:
     """The content id behind the ``document_id`` in the path; NotFound when none is stored."""
-    state = _state(request)
+    state = gateway_state(request)
     try:
         document_id = str(uuid.UUID(request.path_params["document_id"]))
     except ValueError:

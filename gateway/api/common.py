@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -35,10 +36,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SSE_HEADERS",
+    "JobOptions",
     "SSEStream",
     "Translator",
+    "gateway_state",
     "parse_bool",
     "prepare_job",
+    "receive_job",
     "run_to_end",
     "tenant_of",
 ]
@@ -55,6 +59,46 @@ class Translator(Protocol):
 
     def encode(self, event: StreamEvent) -> bytes | None:
         """The wire frame(s) for one event, or None to send nothing for it."""
+
+
+def gateway_state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What a front API reads from a request to set up a job."""
+
+    engine: str
+    language: str = ""
+    use_cache: bool = True
+
+
+OptionsT = TypeVar("OptionsT", bound=JobOptions)
+
+
+async def receive_job(
+    request: Request, parse: Callable[[GatewayState, Upload], OptionsT]
+) -> tuple[GatewayState, Job, OptionsT]:
+    """Receive the upload, read the API's options from it (``parse``), and prepare the job; any
+    failure closes the upload and is a GatewayError before the stream starts."""
+    state = gateway_state(request)
+    upload = await receive(request, state)
+    try:
+        options = parse(state, upload)
+    except BaseException:
+        await upload.aclose()
+        raise
+    job = await prepare_job(
+        state,
+        upload,
+        engine_name=options.engine,
+        language=options.language,
+        use_cache=options.use_cache,
+        tenant=tenant_of(request),
+    )
+    return state, job, options
 
 
 def tenant_of(request: Request) -> str:

@@ -11,15 +11,18 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .. import exports
+from ..audio import Upload
 from ..errors import GatewayError, InvalidBody, InvalidOption, NotFound, PayloadTooLarge
 from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript, join_text
+from ..pipeline import Job
 from .common import (
+    JobOptions,
     SSEStream,
     check_engine,
+    gateway_state,
     option,
     parse_bool,
-    prepare_job,
-    receive,
+    receive_job,
     run_to_end,
     tenant_of,
 )
@@ -155,30 +158,19 @@ def error_response(exc: GatewayError) -> Response:
     )
 
 
-def _state(request: Request) -> GatewayState:
-    state: GatewayState = request.app.state.gateway
-    return state
+async def _job(request: Request) -> tuple[GatewayState, Job]:
+    check_engine(gateway_state(request), request.query_params.get("engine", ""))
 
-
-async def _job(request: Request) -> tuple[GatewayState, object]:
-    state = _state(request)
-    check_engine(state, request.query_params.get("engine", ""))
-    upload = await receive(request, state)
-    try:
+    def parse(state: GatewayState, upload: Upload) -> JobOptions:
         engine = option(request, upload, "engine") or state.config.server.default_engine
         check_engine(state, engine)
-        use_cache = parse_bool("use_cache", option(request, upload, "use_cache"), True)
-    except BaseException:
-        await upload.aclose()
-        raise
-    job = await prepare_job(
-        state,
-        upload,
-        engine_name=engine,
-        language=option(request, upload, "language"),
-        use_cache=use_cache,
-        tenant=tenant_of(request),
-    )
+        return JobOptions(
+            engine=engine,
+            language=option(request, upload, "language"),
+            use_cache=parse_bool("use_cache", option(request, upload, "use_cache"), True),
+        )
+
+    state, job, _ = await receive_job(request, parse)
     return state, job
 
 
@@ -196,10 +188,10 @@ class _Endpoint:
             await error_response(exc)(scope, receive_, send)
             return
         if self.streaming:
-            stream = SSEStream(job, NativeTranslator(), keepalive=state.config.server.keepalive)  # type: ignore[arg-type]
+            stream = SSEStream(job, NativeTranslator(), keepalive=state.config.server.keepalive)
             await stream(scope, receive_, send)
             return
-        result = await run_to_end(job, receive_)  # type: ignore[arg-type]
+        result = await run_to_end(job, receive_)
         if result is None:
             return  # the client left; nobody to answer
         if isinstance(result, Failed):
@@ -225,7 +217,7 @@ _STATUS = {
 
 
 async def get_transcript(request: Request) -> Response:
-    state = _state(request)
+    state = gateway_state(request)
     fmt = request.query_params.get("format", "json")
     try:
         if fmt not in exports.FORMATS:
@@ -287,7 +279,7 @@ async def read_json_body(request: Request, limit: int = MAX_CORRECTIONS_BYTES) -
 
 async def put_corrections(request: Request) -> Response:
     """Store human corrections; later GETs and cache hits return them, flagged ``corrected``."""
-    state = _state(request)
+    state = gateway_state(request)
     try:
         try:
             body = _corrections.decode(await read_json_body(request))

@@ -24,7 +24,15 @@ from ..audio import Upload
 from ..errors import GatewayError, InvalidOption, UnknownEngine
 from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript
 from ..pipeline import Job
-from .common import SSEStream, option, parse_bool, prepare_job, receive, run_to_end, tenant_of
+from .common import (
+    JobOptions,
+    SSEStream,
+    gateway_state,
+    option,
+    parse_bool,
+    receive_job,
+    run_to_end,
+)
 
 if TYPE_CHECKING:
     from ..app import GatewayState
@@ -286,18 +294,11 @@ def _result(done: Done, options: _Options) -> Response:
     return Response(_encoder.encode(body), media_type="application/json")
 
 
-@dataclass(frozen=True)
-class _Options:
-    engine: str
-    language: str
+@dataclass(frozen=True, kw_only=True)
+class _Options(JobOptions):
     response_format: str
     stream: bool
     granularities: tuple[str, ...]
-
-
-def _state(request: Request) -> GatewayState:
-    state: GatewayState = request.app.state.gateway
-    return state
 
 
 def _engine_for(state: GatewayState, model: str) -> str:
@@ -353,22 +354,7 @@ def _options(request: Request, upload: Upload, state: GatewayState) -> _Options:
 
 
 async def _job(request: Request) -> tuple[GatewayState, Job, _Options]:
-    state = _state(request)
-    upload = await receive(request, state)
-    try:
-        options = _options(request, upload, state)
-    except BaseException:
-        await upload.aclose()
-        raise
-    job = await prepare_job(
-        state,
-        upload,
-        engine_name=options.engine,
-        language=options.language,
-        use_cache=True,
-        tenant=tenant_of(request),
-    )
-    return state, job, options
+    return await receive_job(request, lambda state, upload: _options(request, upload, state))
 
 
 class _Transcriptions:
@@ -403,13 +389,13 @@ def _models(state: GatewayState) -> list[_Model]:
 
 async def list_models(request: Request) -> Response:
     return Response(
-        _encoder.encode(_ModelList(_models(_state(request)))), media_type="application/json"
+        _encoder.encode(_ModelList(_models(gateway_state(request)))), media_type="application/json"
     )
 
 
 async def get_model(request: Request) -> Response:
     name = request.path_params["model"]
-    model = next((m for m in _models(_state(request)) if m.id == name), None)
+    model = next((m for m in _models(gateway_state(request)) if m.id == name), None)
     if model is None:
         return error_response(UnknownEngine(f"The model {name!r} does not exist"))
     return Response(_encoder.encode(model), media_type="application/json")
