@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
+import av
 import pytest
 from audio_util import FORMATS, GOFORWARD, pcm_of, transcode
 
@@ -117,3 +120,77 @@ def test_decoder_reads_in_bounded_steps(tmp_path: Path) -> None:
         assert max(sizes) == 3200 and sum(sizes) == len(pcm_of(GOFORWARD))
     finally:
         decoder.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_the_decoder_holds_the_file_only_while_decoding(tmp_path: Path, fmt: str) -> None:
+    path = str(transcode(GOFORWARD, tmp_path / ("x" + FORMATS[fmt][3]), fmt))
+    whole = bytearray()
+    reference = open_decoder(path)
+    while chunk := reference.read(4000):
+        whole += chunk
+    before = _open_fds()
+    decoder = open_decoder(path)
+    try:
+        assert _open_fds() == before + 1
+        # Suspended while queued: no descriptor; then it starts again from the beginning.
+        decoder.suspend()
+        assert _open_fds() == before
+        pcm = bytearray(decoder.read(4000))
+        assert _open_fds() == before + 1
+        while chunk := decoder.read(4000):
+            pcm += chunk
+        # The end of the audio releases the file before close().
+        assert _open_fds() == before
+    finally:
+        decoder.close()
+    assert bytes(pcm) == bytes(whole) and len(whole) > 80_000
+
+
+def test_mp3_behind_a_large_id3_tag_decodes(tmp_path: Path) -> None:
+    mp3 = transcode(GOFORWARD, tmp_path / "x.mp3", "mp3").read_bytes()
+    # An ID3v2.3 tag with a 300 KiB picture frame: far past the fast first probe.
+    picture = b"\x00image/png\x00\x03\x00" + bytes(300 * 1024)
+    frame = b"APIC" + len(picture).to_bytes(4, "big") + b"\x00\x00" + picture
+    size = len(frame)
+    synchsafe = bytes((size >> shift) & 0x7F for shift in (21, 14, 7, 0))
+    path = tmp_path / "tagged.mp3"
+    path.write_bytes(b"ID3\x03\x00\x00" + synchsafe + frame + mp3)
+    decoder = open_decoder(str(path))
+    try:
+        assert decoder.duration == pytest.approx(2.786, abs=0.05)
+        total = 0
+        while chunk := decoder.read(32000):
+            total += len(chunk)
+    finally:
+        decoder.close()
+    assert total / 32000 == pytest.approx(2.786, abs=0.03)
+
+
+def test_a_file_the_fast_probe_cannot_read_is_opened_with_the_full_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = av.open
+    calls: list[bool] = []
+
+    def fast_probe_fails(*args: Any, **kwargs: Any) -> Any:
+        fast = "probesize" in kwargs.get("container_options", {})
+        calls.append(fast)
+        if fast:
+            raise av.InvalidDataError(1094995529, "Invalid data found when processing input")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", fast_probe_fails)
+    decoder = open_decoder(str(GOFORWARD))
+    try:
+        pcm = bytearray()
+        while chunk := decoder.read(32000):
+            pcm += chunk
+    finally:
+        decoder.close()
+    assert calls == [True, False]
+    assert bytes(pcm) == pcm_of(GOFORWARD)
