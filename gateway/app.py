@@ -24,6 +24,7 @@ from .config import Config
 from .engines import Engine, build_engine
 from .errors import UnknownEngine
 from .logs import RequestLogMiddleware
+from .pipeline import StopSignal
 from .store import Store, open_store
 
 __all__ = ["GatewayState", "create_app"]
@@ -45,7 +46,7 @@ class GatewayState:
     store: Store
     engines: dict[str, Engine] = field(default_factory=dict)
     draining: bool = False
-    stop: anyio.Event = field(default_factory=anyio.Event)
+    stop: StopSignal = field(default_factory=StopSignal)
     active_jobs: int = 0
     _idle: anyio.Event = field(default_factory=anyio.Event)
     # Concurrent streams per tenant (auth.max_streams_per_tenant).

@@ -28,13 +28,15 @@ from .audio import PcmDecoder, Upload
 from .engines.base import PCM_BYTES_PER_SECOND, Engine, Session, SessionOptions
 from .errors import GatewayError, ShuttingDown, Timeout, UpstreamError, collapse_groups
 from .events import Done, EngineUpdate, Failed, Progress, Queued, StreamEvent, Transcript
-from .store import Store
+from .store import Store, StoredTranscript
 
 __all__ = [
     "CHUNK_BYTES",
     "PCM_CHANNEL_CAPACITY",
     "Job",
     "Outbox",
+    "StopSignal",
+    "cached_result",
     "keepalive",
     "run_job",
 ]
@@ -148,24 +150,44 @@ async def keepalive(outbox: Outbox, interval: float) -> None:
             await outbox.wait_sent()
 
 
+def cached_result(stored: StoredTranscript | None, engine: str, language: str) -> Done | None:
+    """The ``done`` a stored transcript answers a request with, or None if it may not.
+
+    A human-corrected transcript is served whatever engine made it; a machine one only to requests
+    for the same engine and language, and never when it is empty.
+    """
+    if stored is None:
+        return None
+    if stored.corrected is None and (stored.engine != engine or stored.language != language):
+        return None
+    cached = stored.transcript(corrections=True)
+    if not cached.text:
+        return None
+    return Done(cached, cached=True, corrected=stored.corrected is not None)
+
+
 @dataclass(eq=False, kw_only=True)
 class Job:
-    """Everything one transcription needs, settled before the stream starts."""
+    """Everything one transcription needs, settled before the stream starts.
+
+    A job answered from the cache has ``cached`` set and no decoder: it was found before the
+    audio was probed, and it needs no engine session.
+    """
 
     upload: Upload
-    decoder: PcmDecoder
+    decoder: PcmDecoder | None
     engine: Engine
     store: Store
+    cached: Done | None = None
     language: str = ""
-    use_cache: bool = True
     tenant: str = ""
     total_time: float | None = None
     started_at: float = field(default_factory=anyio.current_time)
     on_outcome: Callable[[str], None] | None = None
     # The longest the transcription may run, queueing included (then: TIMEOUT).
     max_seconds: float = math.inf
-    # Set when the gateway is shutting down and this job's grace is over (then: SHUTTING_DOWN).
-    stop: anyio.Event | None = None
+    # Cancels the job when the gateway is shutting down and its grace is over (SHUTTING_DOWN).
+    stop: StopSignal | None = None
     # Called exactly once by aclose(): releases what admitting the job took (slots, counters).
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
@@ -190,7 +212,8 @@ class Job:
         with anyio.CancelScope(shield=True):
             callbacks, self.on_close = self.on_close, []
             try:
-                await anyio.to_thread.run_sync(self.decoder.close)
+                if self.decoder is not None:
+                    await anyio.to_thread.run_sync(self.decoder.close)
                 await self.upload.aclose()
             finally:
                 for callback in callbacks:
@@ -198,6 +221,7 @@ class Job:
 
 
 async def _decode_pcm(job: Job, out: anyio.abc.ObjectSendStream[bytes]) -> None:
+    assert job.decoder is not None
     async with out:
         while True:
             pcm = await anyio.to_thread.run_sync(job.decoder.read, DECODE_STEP_BYTES)
@@ -242,6 +266,14 @@ async def _receive(job: Job, session: Session, outbox: Outbox, state: _RunState)
         outbox.put(Progress(job.snapshot(update)))
 
 
+def _queued(job: Job, outbox: Outbox, position: int) -> None:
+    # A queued job may wait for minutes: it keeps its spooled file, not an open decoder. The
+    # engine calls this only before its session opens, so no decode step is running.
+    if job.decoder is not None:
+        job.decoder.suspend()
+    outbox.put(Queued(position))
+
+
 async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
     engine = job.engine
     options = SessionOptions(
@@ -249,7 +281,7 @@ async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
         total_time=job.total_time,
         content_type=job.upload.content_type,
         filename=job.upload.filename,
-        on_queued=lambda position: outbox.put(Queued(position)),
+        on_queued=lambda position: _queued(job, outbox, position),
     )
     state = _RunState()
     async with engine.open_session(options) as session:
@@ -279,21 +311,39 @@ async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
     )
 
 
+class StopSignal:
+    """Set once when the gateway stops its jobs; each running job registers its cancel scope, so
+    a stop costs no task per job."""
+
+    def __init__(self) -> None:
+        self._scopes: set[anyio.CancelScope] = set()
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        for scope in self._scopes:
+            scope.cancel()
+
+    def register(self, scope: anyio.CancelScope) -> Callable[[], None]:
+        if self._set:
+            scope.cancel()
+        self._scopes.add(scope)
+        return lambda: self._scopes.discard(scope)
+
+
 async def _transcribe_bounded(job: Job, outbox: Outbox) -> Transcript:
     """``_transcribe`` under the job's deadline, and stopped when the gateway shuts down."""
     transcript: Transcript | None = None
-    with anyio.CancelScope(deadline=job.started_at + job.max_seconds) as scope, collapse_groups():
-        async with anyio.create_task_group() as tg:
-            if job.stop is not None:
-                stop = job.stop
-
-                async def watch_stop() -> None:
-                    await stop.wait()
-                    scope.cancel()
-
-                tg.start_soon(watch_stop)
+    with anyio.CancelScope(deadline=job.started_at + job.max_seconds) as scope:
+        unregister = job.stop.register(scope) if job.stop is not None else None
+        try:
             transcript = await _transcribe(job, outbox)
-            tg.cancel_scope.cancel()
+        finally:
+            if unregister is not None:
+                unregister()
     if transcript is not None:
         return transcript
     if job.stop is not None and job.stop.is_set():
@@ -307,19 +357,10 @@ async def run_job(job: Job, outbox: Outbox) -> None:
     metrics.ACTIVE_STREAMS.labels(engine).inc()
     outcome = "DISCONNECTED"
     try:
-        if job.use_cache:
-            stored = await job.store.get(job.upload.id, job.tenant)
-            # A human-corrected transcript is served whatever engine made it; a machine one only
-            # to requests for the same engine and language, and never when it is empty.
-            if stored is not None and (
-                stored.corrected is not None
-                or (stored.engine == engine and stored.language == job.language)
-            ):
-                cached = stored.transcript(corrections=True)
-                if cached.text:
-                    outbox.put(Done(cached, cached=True, corrected=stored.corrected is not None))
-                    outcome = "CACHED"
-                    return
+        if job.cached is not None:
+            outbox.put(job.cached)
+            outcome = "CACHED"
+            return
         transcript = await _transcribe_bounded(job, outbox)
         await job.store.save(transcript, job.tenant)
         duration = transcript.total_time or transcript.current_time

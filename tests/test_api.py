@@ -14,6 +14,7 @@ from audio_util import GOFORWARD, LIBRIVOX, SHORT, pcm_of, write_wav
 from conftest import collect, make_config, run_gateway, sse_events
 
 from gateway.engines.scripted import ScriptedEngine
+from gateway.events import Segment, Transcript
 
 pytestmark = pytest.mark.anyio
 
@@ -531,3 +532,53 @@ async def test_max_session_seconds_ends_a_stream_with_timeout_and_stores_nothing
             )
             assert blocking.status_code == 504
             assert blocking.json()["error"]["code"] == "TIMEOUT"
+
+
+async def test_a_cache_hit_is_served_while_the_engine_is_full(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        engines=engines(one=scripted(delay=3600.0, max_sessions=1, max_queue=0)),
+    )
+    stored = GOFORWARD.read_bytes()
+    other = write_wav(tmp_path / "other.wav", pcm_of(GOFORWARD) + bytes(2))
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
+            engine = gw.state.engines["one"]
+            assert isinstance(engine, ScriptedEngine)
+            seg = Segment(0.0, 2.0, "go forward")
+            await gw.state.store.save(
+                Transcript(
+                    id=hashlib.blake2b(stored, digest_size=16).hexdigest(),
+                    segments=(seg,),
+                    committed=1,
+                    current_time=2.786,
+                    total_time=2.786,
+                    engine="one",
+                ),
+                "",
+            )
+            async with trio.open_nursery() as n:
+
+                async def hold() -> None:
+                    async with c.stream(
+                        "POST", STREAM, params={"engine": "one"}, files=upload(other)
+                    ) as r:
+                        assert r.status_code == 200
+                        await trio.sleep_forever()
+
+                n.start_soon(hold)
+                await engine.wait_opened(1)
+                # The one session is taken and nobody may queue: new audio is refused...
+                full = await c.post(STREAM, params={"engine": "one"}, files=upload(other))
+                assert full.status_code == 503
+                assert full.json()["error"]["code"] == "CAPACITY_EXHAUSTED"
+                # ...but a stored transcript needs no session.
+                async with c.stream(
+                    "POST", STREAM, params={"engine": "one"}, files=upload(GOFORWARD)
+                ) as r:
+                    events = await collect(r)
+                assert [e.event for e in events] == ["done"]
+                assert events[0].data["cached"] is True
+                assert events[0].data["text"] == "go forward"
+                assert engine.opened == 1
+                n.cancel_scope.cancel()

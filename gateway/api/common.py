@@ -18,7 +18,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
-from ..audio import Upload, open_decoder, receive_upload
+from ..audio import PcmDecoder, Upload, open_decoder, receive_upload
 from ..errors import (
     GatewayError,
     InvalidOption,
@@ -29,7 +29,7 @@ from ..errors import (
 )
 from ..events import Done, Failed, StreamEvent
 from ..logs import current_request
-from ..pipeline import KEEPALIVE, Job, Outbox, keepalive, run_job
+from ..pipeline import KEEPALIVE, Job, Outbox, cached_result, keepalive, run_job
 
 if TYPE_CHECKING:
     from ..app import GatewayState
@@ -158,19 +158,30 @@ async def prepare_job(
     use_cache: bool,
     tenant: str = "",
 ) -> Job:
-    """Check the engine and probe the audio; every failure here is a 4xx/5xx before the stream."""
+    """Check the engine, look the upload up in the cache and, on a miss, admit the job and probe
+    the audio; every failure here is a 4xx/5xx before the stream.
+
+    A cache hit needs no engine session, so it is served even when the engine is at capacity or
+    unreachable, and without opening the audio.
+    """
     entry = current_request()
     release: Callable[[], None] | None = None
+    decoder: PcmDecoder | None = None
+    cached: Done | None = None
     try:
         if state.draining:
             raise ShuttingDown("the gateway is shutting down", retry_after=1)
         release = state.tenant_streams.acquire(tenant)
         engine = state.engine(engine_name)
-        engine.admit()
-        reason = await engine.readiness()
-        if reason is not None:
-            raise UpstreamUnavailable(reason)
-        decoder = await anyio.to_thread.run_sync(open_decoder, upload.path)
+        if use_cache:
+            stored = await state.store.get(upload.id, tenant)
+            cached = cached_result(stored, engine.name, language)
+        if cached is None:
+            engine.admit()
+            reason = await engine.readiness()
+            if reason is not None:
+                raise UpstreamUnavailable(reason)
+            decoder = await anyio.to_thread.run_sync(open_decoder, upload.path)
     except BaseException as exc:
         if release is not None:
             release()
@@ -178,18 +189,21 @@ async def prepare_job(
             entry.outcome = exc.code
         await upload.aclose()
         raise
+    total_time = decoder.duration if decoder is not None else None
+    if cached is not None:
+        total_time = cached.transcript.total_time
     state.job_started()
     if entry is not None:
-        entry.engine, entry.audio_seconds = engine.name, decoder.duration
+        entry.engine, entry.audio_seconds = engine.name, total_time
     return Job(
         upload=upload,
         decoder=decoder,
+        cached=cached,
         engine=engine,
         store=state.store,
         language=language,
-        use_cache=use_cache,
         tenant=tenant,
-        total_time=decoder.duration,
+        total_time=total_time,
         max_seconds=state.config.server.max_session_seconds,
         stop=state.stop,
         on_close=[state.job_ended, release],

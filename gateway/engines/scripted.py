@@ -108,6 +108,15 @@ class ScriptedEngine(Engine):
         while self.closed < count:
             await self._changed.wait()
 
+    async def wait_opened(self, count: int) -> None:
+        """Wait until ``count`` sessions have been opened (for tests and benchmarks)."""
+        while self.opened < count:
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
     @asynccontextmanager
     async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
         if self._admission is None:
@@ -122,13 +131,13 @@ class ScriptedEngine(Engine):
         session = _ScriptedSession(self)
         self.active += 1
         self.opened += 1
+        self._notify()
         try:
             yield session
         finally:
             self.active -= 1
             self.closed += 1
-            self._changed.set()
-            self._changed = anyio.Event()
+            self._notify()
             with anyio.CancelScope(shield=True):
                 await session.aclose()
 
