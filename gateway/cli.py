@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -22,8 +24,30 @@ from .logs import configure_logging
 __all__ = ["main"]
 
 
+# glibc gives each thread that allocates its own malloc arena, up to 8 per core. The decoder and
+# store threads then spread short-lived buffers over many arenas whose freed pages are rarely
+# returned: RSS crept up 6 % in an 8-minute soak with a flat Python heap, 1.9 % with 2 arenas.
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # from glibc's malloc.h
+
+
+def limit_malloc_arenas() -> bool:
+    """Cap glibc's malloc arenas at MALLOC_ARENAS, unless MALLOC_ARENA_MAX is set (glibc reads
+    it itself). True when the cap was applied; False elsewhere (musl, macOS) or when the
+    environment decides."""
+    if os.environ.get("MALLOC_ARENA_MAX") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+    except (OSError, AttributeError):
+        return False
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
+
+    limit_malloc_arenas()
 
     try:
         config = load_config(args.config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -83,3 +84,36 @@ async def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
             [*GATEWAY, "serve", "--config", str(bad)], capture_stderr=True, check=False
         )
     assert result.returncode == 2 and b"bnid" in result.stderr
+
+
+_ARENAS_PROBE = """
+import ctypes, sys, threading
+from gateway.cli import limit_malloc_arenas
+applied = limit_malloc_arenas()
+barrier = threading.Barrier(6)
+def work():
+    kept = [bytes(4000) for _ in range(100)]
+    barrier.wait()  # all six alive at once: none can take over an exited thread's arena
+threads = [threading.Thread(target=work) for _ in range(6)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(applied, flush=True)
+ctypes.CDLL(None).malloc_stats()
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc arenas")
+@pytest.mark.parametrize("env_value", ["", "8"])
+async def test_serve_caps_glibc_malloc_arenas_unless_the_environment_says(env_value: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    if env_value:
+        env["MALLOC_ARENA_MAX"] = env_value
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [sys.executable, "-c", _ARENAS_PROBE], env=env, capture_stdout=True, capture_stderr=True
+        )
+    arenas = len(re.findall(rb"^Arena \d+:", result.stderr, re.MULTILINE))
+    if env_value:
+        assert result.stdout.strip() == b"False" and arenas > 2
+    else:
+        assert result.stdout.strip() == b"True" and 1 <= arenas <= 2

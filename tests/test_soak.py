@@ -6,8 +6,8 @@ are abandoned by the client at a random moment. Every other stream must complete
 transcript, and nothing may be left behind: no active stream, engine session, queued request,
 upstream connection or extra descriptor once the load stops.
 
-RSS drift bound. The gateway runs with MALLOC_ARENA_MAX=2: with glibc's default (8 arenas per
-core, taken by the decoding and store threads) RSS keeps creeping up for minutes through arena
+RSS drift bound. ``gateway serve`` caps glibc's malloc arenas at 2: with glibc's default (8 arenas
+per core, taken by the decoding and store threads) RSS keeps creeping up for minutes through arena
 fragmentation, not through live objects (tracemalloc shows the Python heap flat while RSS grows),
 and that noise would hide what this test looks for. A 1-minute run is still the allocator's
 warm-up: on the development machine (2 shared cores, ~18 streams/s) RSS under load rose from 95 to
@@ -36,7 +36,7 @@ SHORT_RUN_MAX_DRIFT = 10.0
 
 
 async def test_one_minute_of_fifty_streams_with_faults_leaves_nothing_behind() -> None:
-    options = Options(minutes=1, streams=50, seed=1, warmup=20, window=10, malloc_arena_max=2)
+    options = Options(minutes=1, streams=50, seed=1, warmup=20, window=10)
     with trio.fail_after(240):
         report = await run_soak(options)
     total = report.total
