@@ -31,6 +31,7 @@ class _ScriptedSession(Session):
         self._cfg = engine.config
         self._received = 0
         self._updates = 0
+        self._committed: tuple[Segment, ...] = ()
         self._send, self._recv = anyio.create_memory_object_stream[EngineUpdate | Exception](
             RESULTS_CAPACITY
         )
@@ -42,7 +43,12 @@ class _ScriptedSession(Session):
         # Complete words are committed; at the end a partly heard word counts as complete.
         heard = -(-seconds // spw) if final else seconds // spw
         done = min(len(words), int(heard))
-        committed = tuple(Segment(i * spw, (i + 1) * spw, words[i]) for i in range(done))
+        # Committed segments only grow: extend the kept tuple (reused, as engines do) instead of
+        # rebuilding it, so the fake engine costs O(new words) per update, not O(transcript).
+        if done > len(self._committed):
+            added = range(len(self._committed), done)
+            self._committed += tuple(Segment(i * spw, (i + 1) * spw, words[i]) for i in added)
+        committed = self._committed
         tentative: tuple[Segment, ...] = ()
         if not final and done < len(words) and seconds > done * spw:
             tentative = (Segment(done * spw, seconds, words[done]),)
