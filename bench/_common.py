@@ -127,6 +127,7 @@ def start_server(
     workdir: Path,
     wrap: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
     start_timeout: float = 60.0,
     stop_timeout: float = 30.0,
 ) -> Iterator[ServerProcess]:
@@ -140,7 +141,7 @@ def start_server(
     with logfile.open("wb") as log:
         proc = subprocess.Popen(
             [*wrap, *argv],
-            cwd=ROOT,  # `python -m gateway.cli` imports the gateway of this checkout
+            cwd=cwd,  # `python -m gateway.cli` imports the gateway of the checkout in cwd
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -185,8 +186,12 @@ def start_gateway(
     *,
     wrap: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    source: Path = ROOT,
 ) -> Iterator[ServerProcess]:
     """Run ``gateway serve`` on 127.0.0.1 (a free port) with ``config`` written as TOML.
+
+    ``source`` is the checkout whose ``gateway`` package runs (another commit's worktree, to
+    compare versions side by side); by default this one.
 
     ``config`` is the gateway.toml content as nested dicts; ``store.path`` defaults to a file in
     the temporary working directory. The child inherits this process's RLIMIT_NOFILE, so call
@@ -199,7 +204,7 @@ def start_gateway(
         (workdir / "gateway.toml").write_text(_toml(data))
         argv = [sys.executable, "-m", "gateway.cli", "serve"]
         argv += ["--config", str(workdir / "gateway.toml"), "--bind", "127.0.0.1:0"]
-        with start_server(argv, workdir=workdir, wrap=wrap, env=env) as server:
+        with start_server(argv, workdir=workdir, wrap=wrap, env=env, cwd=source) as server:
             yield server
 
 

@@ -35,6 +35,9 @@ Figures per run (server x N):
   streams in flight, latency is about N / throughput (Little's law).
 - in-stream p99: the same but from the stream's first event, so without the per-request work.
 
+``--before DIR`` adds a third server: the gateway of another checkout (a ``git worktree`` of an
+older commit), measured in the same run, for before/after figures of a change.
+
 ``--profile FILE`` instead runs only the gateway's transcribe path under py-spy (sampling, as its
 child) at ``--profile-n`` streams and prints the top functions by own and by inclusive samples.
 
@@ -44,10 +47,12 @@ Run from the repository root: ``python bench/overhead.py`` (about 3 minutes on 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -419,6 +424,7 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=40)
     parser.add_argument("--seconds-per-word", type=float, default=0.1)
     parser.add_argument("--paths", default="transcribe,cache")
+    parser.add_argument("--before", type=Path, help="also run the gateway of this checkout")
     parser.add_argument("--profile", type=Path, help="profile the gateway with py-spy into FILE")
     parser.add_argument("--profile-n", type=int, default=100)
     parser.add_argument("--profile-top", type=int, default=20)
@@ -433,7 +439,9 @@ def main() -> None:
 
     print("# Gateway overhead vs a bare hypercorn-on-trio SSE app (bench/overhead.py)\n")
     print(machine())
-    print(f"gateway source: {ROOT}")
+    print(f"gateway source: {ROOT} ({git_commit(ROOT)})")
+    if args.before:
+        print(f"before: {args.before} ({git_commit(args.before)})")
     print(
         f"\nscripted engine: {args.words} words, {args.seconds_per_word} s per word, delay 0; "
         f"upload: {audio_seconds:.1f} s silent WAV, 16 kHz mono ({len(wav):,} bytes, raw body); "
@@ -482,8 +490,13 @@ def main() -> None:
                 "--frames",
                 str(frames_file),
             ]
-            with start_server(argv, workdir=Path(tmp)) as bare:
+            with contextlib.ExitStack() as stack:
+                bare = stack.enter_context(start_server(argv, workdir=Path(tmp)))
                 servers = {"gateway": gw, "bare": bare}
+                if args.before:
+                    servers["before"] = stack.enter_context(
+                        start_gateway(gateway_config(args), source=args.before)
+                    )
                 runs: list[Run] = []
                 for path in paths:
                     for name, srv in servers.items():  # warm-up
@@ -605,6 +618,51 @@ def report(runs: list[Run]) -> None:
             ratio_rows,
         )
     )
+    before_rows = []
+    for r in runs:
+        if r.server != "gateway" or (r.path, r.n, "before") not in by_key:
+            continue
+        b = by_key[(r.path, r.n, "before")]
+        before_rows.append(
+            [
+                r.path,
+                str(r.n),
+                f"{(r.load.events / r.wall) / (b.load.events / b.wall):.2f}x",
+                f"{(r.load.streams / r.wall) / (b.load.streams / b.wall):.2f}x",
+                f"{(r.cpu / r.load.events) / (b.cpu / b.load.events):.2f}x",
+                fmt(r.p(r.load.latency, 99) - b.p(b.load.latency, 99)),
+                fmt(r.p(r.load.in_stream, 99) - b.p(b.load.in_stream, 99)),
+            ]
+        )
+    if before_rows:
+        print(
+            markdown_table(
+                "Gateway now / before (change in p99 = now - before, ms)",
+                [
+                    "path",
+                    "N",
+                    "events/s",
+                    "streams/s",
+                    "CPU s / 1k events",
+                    "change in event p99",
+                    "change in in-stream p99",
+                ],
+                before_rows,
+            )
+        )
+
+
+def git_commit(path: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(path), "log", "-1", "--format=%h %s"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return out.stdout.strip()[:80]
 
 
 if __name__ == "__main__":
