@@ -38,8 +38,8 @@ Figures per run (server x N):
 ``--before DIR`` adds a third server: the gateway of another checkout (a ``git worktree`` of an
 older commit), measured in the same run, for before/after figures of a change.
 
-``--profile FILE`` instead runs only the gateway's transcribe path under py-spy (sampling, as its
-child) at ``--profile-n`` streams and prints the top functions by own and by inclusive samples.
+``--profile FILE`` instead runs only the gateway's ``--profile-path`` (transcribe) under py-spy
+(sampling, as its child) at ``--profile-n`` streams and prints the top functions by own and by inclusive samples.
 
 Run from the repository root: ``python bench/overhead.py`` (about 3 minutes on 2 cores).
 """
@@ -427,6 +427,7 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="also run the gateway of this checkout")
     parser.add_argument("--profile", type=Path, help="profile the gateway with py-spy into FILE")
     parser.add_argument("--profile-n", type=int, default=100)
+    parser.add_argument("--profile-path", choices=list(PATHS), default="transcribe")
     parser.add_argument("--profile-top", type=int, default=20)
     args = parser.parse_args()
     ns = [int(x) for x in args.n.split(",")]
@@ -466,19 +467,21 @@ def main() -> None:
             f"({sum(map(len, scripts['transcribe'])):,} bytes), 1 per cache stream"
         )
         if args.profile:
-            measure("gateway", "transcribe", gw.pid, gw.url, scripts["transcribe"], wav, 50, args)
+            path = args.profile_path
+            measure("gateway", path, gw.pid, gw.url, scripts[path], wav, 50, args)
             run = measure(
                 "gateway",
-                "transcribe",
+                path,
                 gw.pid,
                 gw.url,
-                scripts["transcribe"],
+                scripts[path],
                 wav,
                 args.profile_n,
                 args,
             )
             print(
-                f"\nprofiled run: N={args.profile_n}, {run.load.events / run.wall:,.0f} events/s, "
+                f"\nprofiled run: {path} path, N={args.profile_n}, "
+                f"{run.load.events / run.wall:,.0f} events/s, "
                 f"server CPU {run.cpu:.1f} s over {run.wall:.1f} s"
             )
         else:
