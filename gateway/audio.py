@@ -380,6 +380,8 @@ class PcmDecoder:
     def suspend(self) -> None:
         """Release the FFmpeg state and the PCM decoded so far; ``read`` starts again from the
         beginning. Only before the first ``read``, and never while another thread uses it."""
+        if self._container is None and not self._pending:
+            return
         self._release()
         self._pending = bytearray()
 

@@ -33,6 +33,8 @@ from .store import Store, StoredTranscript
 __all__ = [
     "CHUNK_BYTES",
     "PCM_CHANNEL_CAPACITY",
+    "QUEUED_EXACT",
+    "QUEUED_INTERVAL",
     "Job",
     "Outbox",
     "StopSignal",
@@ -53,6 +55,13 @@ DECODE_STEP_BYTES = PCM_BYTES_PER_SECOND
 RAW_CHUNK_BYTES = 16 * 1024
 
 
+# Queue positions up to this one are sent as soon as they change; later ones at most once per
+# QUEUED_INTERVAL seconds per stream (the newest). Every admission or departure renumbers every
+# waiter behind it, so with N streams queued each change would otherwise cost N SSE writes.
+QUEUED_EXACT = 10
+QUEUED_INTERVAL = 1.0
+
+
 class _Keepalive:
     pass
 
@@ -66,10 +75,14 @@ class Outbox:
     It holds at most one pending queue position, one pending snapshot and one terminal event, so a
     client that reads slowly costs one snapshot of memory and receives the newest state. ``put``
     never blocks. The terminal event (``Done``/``Failed``) is delivered last and only once.
+    Positions past :data:`QUEUED_EXACT` are delivered at most once per :data:`QUEUED_INTERVAL`.
     """
 
     def __init__(self) -> None:
         self._queued: Queued | None = None
+        self._queued_due = -math.inf
+        # True while the writer holds a position back until _queued_due: newer ones need no wake-up.
+        self._holding = False
         self._progress: Progress | None = None
         self._final: Done | Failed | None = None
         self._keepalive = False
@@ -84,8 +97,11 @@ class Outbox:
             return
         if isinstance(event, Queued):
             self._queued = event
+            if self._holding and event.position > QUEUED_EXACT:
+                return
         elif isinstance(event, Progress):
             self._queued = None
+            self._holding = False
             self._progress = event
         else:
             self._final = event
@@ -115,9 +131,14 @@ class Outbox:
     def get_nowait(self) -> StreamEvent | _Keepalive | None:
         """The next event if one is ready, else None; never blocks."""
         if self._queued is not None:
-            event: StreamEvent = self._queued
-            self._queued = None
-            return event
+            now = anyio.current_time()
+            if self._queued.position <= QUEUED_EXACT or now >= self._queued_due:
+                event: StreamEvent = self._queued
+                self._queued = None
+                self._holding = False
+                self._queued_due = now + QUEUED_INTERVAL
+                return event
+            self._holding = True
         if self._progress is not None and not isinstance(self._final, Failed):
             event, self._progress = self._progress, None
             return event
@@ -132,7 +153,12 @@ class Outbox:
     async def get(self) -> StreamEvent | _Keepalive:
         while (event := self.get_nowait()) is None:
             self._wakeup = anyio.Event()
-            await self._wakeup.wait()
+            if not self._holding:
+                await self._wakeup.wait()
+            else:
+                # A held-back position is due at _queued_due, unless something else comes first.
+                with anyio.move_on_at(self._queued_due):
+                    await self._wakeup.wait()
             self._wakeup = None
         return event
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.events import Done, Progress, Transcript
+from gateway.events import Done, Progress, Queued, Transcript
 from gateway.pipeline import Outbox, keepalive
 
 
@@ -70,3 +70,38 @@ async def test_outbox_conflates_to_the_latest_snapshot_and_ends_once() -> None:
     got = [e async for e in outbox]
     assert [type(e).__name__ for e in got] == ["Progress", "Done"]
     assert got[0].transcript.current_time == 4.0  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_positions_past_the_head_are_sent_at_most_once_per_interval() -> None:
+    outbox = Outbox()
+    got: list[tuple[float, object]] = []
+    snap = Transcript(id="x", segments=(), committed=0, current_time=0, total_time=None)
+    with trio.fail_after(100):
+        async with trio.open_nursery() as n:
+
+            async def writer() -> None:
+                async for event in outbox:
+                    label = event.position if isinstance(event, Queued) else type(event).__name__
+                    got.append((trio.current_time(), label))
+                    outbox.mark_sent()
+
+            n.start_soon(writer)
+            t0 = trio.current_time()
+            # A long queue moving fast: 40 renumberings in 1.2 s reach the client as 2 frames.
+            for position in range(50, 10, -1):
+                outbox.put(Queued(position))
+                await trio.sleep(0.03)
+            # Near the head every position is sent at once.
+            for position in range(10, 0, -1):
+                outbox.put(Queued(position))
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            # A position held back when the session starts is dropped: the snapshot goes first.
+            outbox.put(Queued(30))
+            outbox.put(Progress(snap))
+            outbox.put(Done(snap, cached=False))
+            await trio.testing.wait_all_tasks_blocked()
+    frames = [(round(t - t0, 2), label) for t, label in got]
+    assert frames[:3] == [(0.0, 50), (1.0, 17), (1.2, 10)]
+    assert [label for _, label in frames[3:]] == [9, 8, 7, 6, 5, 4, 3, 2, 1, "Progress", "Done"]
