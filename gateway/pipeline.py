@@ -238,7 +238,8 @@ class Job:
         with anyio.CancelScope(shield=True):
             callbacks, self.on_close = self.on_close, []
             try:
-                if self.decoder is not None:
+                # Usually released already, at the end of the audio: no thread hand-off then.
+                if self.decoder is not None and self.decoder.is_open:
                     await anyio.to_thread.run_sync(self.decoder.close)
                 await self.upload.aclose()
             finally:
