@@ -115,7 +115,8 @@ class _Spool:
 
     def _write(self, batch: bytes, close: bool) -> None:
         if self.file is None:
-            self.file = tempfile.NamedTemporaryFile(
+            # Kept open across batches; finish() or discard() closes it.
+            self.file = tempfile.NamedTemporaryFile(  # noqa: SIM115
                 prefix="upload-", suffix=".bin", dir=self._dir, delete=False
             )
             self.path = self.file.name

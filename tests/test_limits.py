@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from audio_util import GOFORWARD
+from audio_util import GOFORWARD, LIBRIVOX
 from conftest import collect, make_config, run_gateway, wait_until
 
+from gateway.audio import SPOOL_BATCH_BYTES
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.server import hypercorn_config
@@ -105,14 +106,17 @@ async def test_a_stalled_body_gets_408_and_its_spool_file_is_removed(tmp_path: P
     config = make_config(tmp_path, server=limits(tmp_path, body_timeout=0.5), engines=engines())
     spool = tmp_path / "spool"
     body = GOFORWARD.read_bytes()
+    stalled = LIBRIVOX.read_bytes()
     with trio.fail_after(20):
         async with run_gateway(config) as gw:
             stream = await connect(gw.url)
             head = (
                 f"POST {STREAM} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
+                f"Content-Length: {len(stalled)}\r\n\r\n"
             )
-            await stream.send_all(head.encode() + body[:4096])
+            # More than one spool batch, so the spool file exists.
+            assert len(stalled) > SPOOL_BATCH_BYTES + 65536
+            await stream.send_all(head.encode() + stalled[: SPOOL_BATCH_BYTES + 65536])
             # The upload is being spooled...
             await wait_until(lambda: any(spool.iterdir()))
             # ...and then the client stalls, connection open.
