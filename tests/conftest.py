@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,49 @@ from gateway.server import asgi_app, hypercorn_config
 @pytest.fixture
 def anyio_backend() -> str:
     return "trio"
+
+
+GATEWAY_CLI = [sys.executable, "-m", "gateway.cli"]
+
+
+@dataclass
+class ServeProcess:
+    """A ``gateway serve`` subprocess: its URL and its stderr (the log) read so far."""
+
+    proc: trio.Process
+    url: str
+    output: bytearray
+
+    async def read_output(self) -> bytes:
+        """Read stderr to its end (the process exits or closes it) and return all of it."""
+        assert self.proc.stderr is not None
+        while chunk := await self.proc.stderr.receive_some():
+            self.output += chunk
+        return bytes(self.output)
+
+
+async def start_serve(
+    nursery: trio.Nursery, *args: str, env: Mapping[str, str] | None = None
+) -> ServeProcess:
+    """Start ``gateway serve --bind 127.0.0.1:0 ARGS`` in ``nursery`` and wait for its URL.
+
+    ``env`` replaces the environment (default: this one, unbuffered)."""
+    proc: trio.Process = await nursery.start(
+        partial(
+            trio.run_process,
+            [*GATEWAY_CLI, "serve", *args, "--bind", "127.0.0.1:0"],
+            stderr=subprocess.PIPE,
+            env=dict(env) if env is not None else {**os.environ, "PYTHONUNBUFFERED": "1"},
+            check=False,
+        )
+    )
+    assert proc.stderr is not None
+    output = bytearray()
+    while (match := re.search(rb"serving on (http://\S+)", output)) is None:
+        chunk = await proc.stderr.receive_some()
+        assert chunk, bytes(output)
+        output += chunk
+    return ServeProcess(proc, match.group(1).decode(), output)
 
 
 @dataclass

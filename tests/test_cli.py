@@ -6,27 +6,23 @@ import os
 import platform
 import re
 import signal
-import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 from audio_util import GOFORWARD
-from conftest import make_config, run_gateway
+from conftest import GATEWAY_CLI, make_config, run_gateway, start_serve
 
 pytestmark = pytest.mark.anyio
-
-GATEWAY = [sys.executable, "-m", "gateway.cli"]
 
 
 async def test_transcribe_client_prints_the_final_text(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with run_gateway(make_config(tmp_path)) as gw:
             result = await trio.run_process(
-                [*GATEWAY, "transcribe", str(GOFORWARD), "--url", gw.url],
+                [*GATEWAY_CLI, "transcribe", str(GOFORWARD), "--url", gw.url],
                 capture_stdout=True,
                 capture_stderr=True,
             )
@@ -40,7 +36,7 @@ async def test_transcribe_client_reports_http_errors(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with run_gateway(make_config(tmp_path)) as gw:
             result = await trio.run_process(
-                [*GATEWAY, "transcribe", str(GOFORWARD), "--url", gw.url, "--engine", "nope"],
+                [*GATEWAY_CLI, "transcribe", str(GOFORWARD), "--url", gw.url, "--engine", "nope"],
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,
@@ -52,28 +48,13 @@ async def test_serve_process_answers_and_stops_on_sigterm(tmp_path: Path) -> Non
     env = {**os.environ, "GATEWAY_STORE_PATH": str(tmp_path / "db.sqlite3")}
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            proc = await nursery.start(
-                partial(
-                    trio.run_process,
-                    [*GATEWAY, "serve", "--bind", "127.0.0.1:0"],
-                    stderr=subprocess.PIPE,
-                    env=env,
-                    check=False,
-                )
-            )
-            buffer = b""
-            while (match := re.search(rb"serving on (http://\S+)", buffer)) is None:
-                chunk = await proc.stderr.receive_some()
-                assert chunk, buffer
-                buffer += chunk
-            url = match.group(1).decode()
-            async with httpx.AsyncClient(base_url=url) as c:
+            gateway = await start_serve(nursery, env=env)
+            async with httpx.AsyncClient(base_url=gateway.url) as c:
                 assert (await c.get("/healthz")).status_code == 200
                 assert (await c.get("/readyz")).json()["status"] == "ready"
-            proc.send_signal(signal.SIGTERM)
-            while await proc.stderr.receive_some():
-                pass
-            assert await proc.wait() == 0
+            gateway.proc.send_signal(signal.SIGTERM)
+            await gateway.read_output()
+            assert await gateway.proc.wait() == 0
 
 
 async def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
@@ -81,7 +62,7 @@ async def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     bad.write_text("[server]\nbnid = 'x'\n")
     with trio.fail_after(30):
         result = await trio.run_process(
-            [*GATEWAY, "serve", "--config", str(bad)], capture_stderr=True, check=False
+            [*GATEWAY_CLI, "serve", "--config", str(bad)], capture_stderr=True, check=False
         )
     assert result.returncode == 2 and b"bnid" in result.stderr
 

@@ -8,9 +8,7 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +16,13 @@ import httpx
 import pytest
 import trio
 from audio_util import GOFORWARD
-from conftest import make_config, run_gateway, sse_events, wait_until
+from conftest import make_config, run_gateway, sse_events, start_serve, wait_until
 
 from gateway.auth import add_key
 from gateway.logs import JsonFormatter, TextFormatter
 
 pytestmark = pytest.mark.anyio
 
-GATEWAY = [sys.executable, "-m", "gateway.cli"]
 # Words no log line may contain: they are only ever transcript text.
 WORDS = ["zebra", "quokka", "narwhal"]
 AUDIO = GOFORWARD.read_bytes()
@@ -191,29 +188,14 @@ async def test_serve_writes_access_lines_to_stderr(tmp_path: Path, fmt: str) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            proc = await nursery.start(
-                partial(
-                    trio.run_process,
-                    [*GATEWAY, "serve", "--config", str(config), "--bind", "127.0.0.1:0"],
-                    stderr=subprocess.PIPE,
-                    env=env,
-                    check=False,
-                )
-            )
-            buffer = b""
-            while (match := re.search(rb"serving on (http://\S+)", buffer)) is None:
-                chunk = await proc.stderr.receive_some()
-                assert chunk, buffer
-                buffer += chunk
-            async with httpx.AsyncClient(base_url=match.group(1).decode()) as c:
+            gateway = await start_serve(nursery, "--config", str(config), env=env)
+            async with httpx.AsyncClient(base_url=gateway.url) as c:
                 ok = await c.post("/v1/transcriptions", content=AUDIO, headers=bearer(key, "one"))
                 assert ok.json()["text"] == "zebra quokka narwhal"
                 assert (await c.get("/v1/models")).status_code == 401
-            proc.send_signal(signal.SIGTERM)
-            while chunk := await proc.stderr.receive_some():
-                buffer += chunk
-            assert await proc.wait() == 0
-    output = buffer.decode()
+            gateway.proc.send_signal(signal.SIGTERM)
+            output = (await gateway.read_output()).decode()
+            assert await gateway.proc.wait() == 0
     lines = [line for line in output.splitlines() if not line.startswith("gateway: ")]
     if fmt == "json":
         records = [json.loads(line) for line in lines]  # every line is one JSON object

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import itertools
-import os
-import re
 import signal
 import sqlite3
-import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 from audio_util import GOFORWARD, LIBRIVOX
-from conftest import SSE, sse_events
+from conftest import SSE, sse_events, start_serve
 
 pytestmark = pytest.mark.anyio
 
-GATEWAY = [sys.executable, "-m", "gateway.cli"]
 
 CONFIG = """
 [server]
@@ -47,27 +42,6 @@ def upload(path: Path) -> dict[str, tuple[str, bytes, str]]:
     return {"file": (path.name, path.read_bytes(), "audio/wav")}
 
 
-async def start_gateway(
-    nursery: trio.Nursery, config: Path
-) -> tuple[trio.Process, str, trio.abc.ReceiveStream]:
-    proc: trio.Process = await nursery.start(
-        partial(
-            trio.run_process,
-            [*GATEWAY, "serve", "--config", str(config), "--bind", "127.0.0.1:0"],
-            stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            check=False,
-        )
-    )
-    assert proc.stderr is not None
-    buffer = b""
-    while (match := re.search(rb"serving on (http://\S+)", buffer)) is None:
-        chunk = await proc.stderr.receive_some()
-        assert chunk, buffer
-        buffer += chunk
-    return proc, match.group(1).decode(), proc.stderr
-
-
 async def wait_unready(client: httpx.AsyncClient) -> None:
     """Poll /readyz until it reports 503 (an HTTP endpoint has no event to wait on)."""
     for _ in itertools.count():
@@ -88,8 +62,10 @@ async def test_sigterm_drains_then_stops_streams_with_shutting_down(tmp_path: Pa
     config.write_text(CONFIG.format(grace=10.0, db=db))
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
-            proc, url, stderr = await start_gateway(nursery, config)
-            nursery.start_soon(drain_output, stderr)
+            gateway = await start_serve(nursery, "--config", str(config))
+            proc, url = gateway.proc, gateway.url
+            assert proc.stderr is not None
+            nursery.start_soon(drain_output, proc.stderr)
             async with httpx.AsyncClient(base_url=url, timeout=60) as c:
                 assert (await c.get("/readyz")).status_code == 200
                 results: dict[str, list[SSE]] = {}
@@ -164,8 +140,10 @@ async def test_a_second_signal_cuts_the_grace_short(tmp_path: Path) -> None:
     config.write_text(CONFIG.format(grace=3600.0, db=db))
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            proc, url, stderr = await start_gateway(nursery, config)
-            nursery.start_soon(drain_output, stderr)
+            gateway = await start_serve(nursery, "--config", str(config))
+            proc, url = gateway.proc, gateway.url
+            assert proc.stderr is not None
+            nursery.start_soon(drain_output, proc.stderr)
             events: list[SSE] = []
             async with httpx.AsyncClient(base_url=url, timeout=60) as c:
                 async with c.stream(
