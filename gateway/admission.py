@@ -27,10 +27,12 @@ import anyio
 
 from .errors import CapacityExhausted, CapacityTimeout, UpstreamUnavailable
 
-__all__ = ["DEFAULT_RETRY_AFTER", "Admission", "Lease"]
+__all__ = ["DEFAULT_RETRY_AFTER", "RENUMBER_DELAY", "Admission", "Lease"]
 
 # Seconds a refused client is told to wait (Retry-After) when nothing better is known.
 DEFAULT_RETRY_AFTER = 5.0
+# Departures from the queue within this many seconds share one renumbering (see _renumber_soon).
+RENUMBER_DELAY = 0.05
 
 
 @dataclass(eq=False)
@@ -93,6 +95,7 @@ class Admission:
             raise ValueError("an admission pool needs at least one upstream")
         self._upstreams = {k: _Upstream(k, c) for k, c in capacities.items()}
         self._waiters: deque[_Waiter] = deque()
+        self._renumber_pending = False
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         #: Most sessions ever held at once, over the whole pool.
@@ -202,6 +205,25 @@ class Admission:
         ]
         return max(min(pending), 0.0) if pending else math.inf
 
+    async def _renumber_soon(self) -> None:
+        """Renumber the queue after a departure, once per RENUMBER_DELAY for all departures.
+
+        A departure frees no slot, so it only moves the waiters behind it up. Renumbering at
+        once would cost O(queue) per departure: 5,000 queued clients leaving together made 6
+        million position updates and kept the event loop busy for seconds. The first cancelled
+        waiter waits RENUMBER_DELAY (shielded: nobody waits for it any more) and renumbers for
+        every departure meanwhile.
+        """
+        if self._renumber_pending:
+            return
+        self._renumber_pending = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(RENUMBER_DELAY)
+        finally:
+            self._renumber_pending = False
+            self._dispatch()
+
     def check(self) -> None:
         """Refuse up front (CAPACITY_EXHAUSTED) when ``acquire`` would find the queue full.
 
@@ -242,7 +264,10 @@ class Admission:
             except BaseException as exc:
                 if waiter.lease is None:
                     self._waiters.remove(waiter)
-                    self._dispatch()
+                    if isinstance(exc, TimeoutError):
+                        self._dispatch()  # its client waits for CAPACITY_TIMEOUT: no delay
+                    else:
+                        await self._renumber_soon()
                 else:
                     # Granted, but cancelled before we could use it: hand the slot on.
                     self._release(waiter.lease)

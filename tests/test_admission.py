@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.admission import DEFAULT_RETRY_AFTER, Admission, Lease
+from gateway.admission import DEFAULT_RETRY_AFTER, RENUMBER_DELAY, Admission, Lease
 from gateway.errors import CapacityExhausted, CapacityTimeout
 
 pytestmark = pytest.mark.anyio
@@ -163,11 +163,45 @@ async def test_cancelled_waiters_leave_and_those_behind_move_up() -> None:
             await trio.testing.wait_all_tasks_blocked()
             scope.cancel()
             await trio.testing.wait_all_tasks_blocked()
-            assert behind == [2, 1]
+            # Gone from the queue at once; those behind move up within RENUMBER_DELAY.
             assert admission.queue_length == 1
+            assert behind == [2]
+            await trio.sleep(RENUMBER_DELAY)
+            await trio.testing.wait_all_tasks_blocked()
+            assert behind == [2, 1]
             release.set()
         assert admission.active == 0
         assert admission.queue_length == 0
+
+
+async def test_departures_together_share_one_renumbering() -> None:
+    admission = Admission({"a": 1}, max_queue=100, queue_timeout=60)
+    with trio.fail_after(10):
+        release = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold, admission, release)
+            positions: list[list[int]] = []
+            scopes: list[trio.CancelScope] = []
+
+            async def waiter(scope: trio.CancelScope, seen: list[int]) -> None:
+                with scope:
+                    await hold(admission, release, None, seen)
+
+            for _ in range(6):
+                scopes.append(trio.CancelScope())
+                positions.append([])
+                nursery.start_soon(waiter, scopes[-1], positions[-1])
+                await trio.testing.wait_all_tasks_blocked()
+            assert [p[-1] for p in positions] == [1, 2, 3, 4, 5, 6]
+            # Positions 1, 3 and 4 leave at once; 2, 5 and 6 move up once each, to 1, 2, 3.
+            for i in (0, 2, 3):
+                scopes[i].cancel()
+            await trio.sleep(RENUMBER_DELAY)
+            await trio.testing.wait_all_tasks_blocked()
+            assert [positions[i] for i in (1, 4, 5)] == [[2, 1], [5, 2], [6, 3]]
+            assert admission.queue_length == 3
+            release.set()
+        assert admission.active == 0 and admission.queue_length == 0
 
 
 async def test_a_slot_granted_to_a_cancelled_waiter_is_handed_on() -> None:

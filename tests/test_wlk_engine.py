@@ -19,6 +19,7 @@ import trio
 import trio.testing
 from fakes.wlk_server import Drop, FakeWlkServer, MemoryNetwork, expected_text, pcm_words, wav_bytes
 
+from gateway.admission import RENUMBER_DELAY
 from gateway.config import WhisperLiveKitConfig
 from gateway.engines.base import Session, SessionOptions
 from gateway.engines.whisperlivekit import FRAME_BYTES, WhisperLiveKitEngine
@@ -199,8 +200,11 @@ async def test_cancel_while_queued_frees_the_place() -> None:
                 assert engine.admission.queue_length == 2
                 b_scope.cancel()
                 await trio.testing.wait_all_tasks_blocked()
-                # B left the queue at once; C moved up; nobody connected for B.
+                # B left the queue at once; C moves up within RENUMBER_DELAY; nobody connected
+                # for B.
                 assert engine.admission.queue_length == 1
+                await trio.sleep(RENUMBER_DELAY)
+                await trio.testing.wait_all_tasks_blocked()
                 assert positions == {"b": [1], "c": [2, 1]}
                 assert len(fake.connections) == 1
                 release.set()
