@@ -395,6 +395,7 @@ class PcmDecoder:
             return
         self._release()
         self._pending = bytearray()
+        self._eof = False  # a short file may have reached its end while being probed
 
     @property
     def is_open(self) -> bool:

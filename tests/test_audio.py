@@ -10,7 +10,7 @@ from typing import Any
 
 import av
 import pytest
-from audio_util import FORMATS, GOFORWARD, pcm_of, transcode
+from audio_util import FORMATS, GOFORWARD, pcm_of, transcode, write_wav
 
 from gateway.audio import PcmDecoder, open_decoder, receive_upload
 from gateway.errors import BadRequest, DecodeError, MissingFile, PayloadTooLarge
@@ -149,6 +149,20 @@ def test_the_decoder_holds_the_file_only_while_decoding(tmp_path: Path, fmt: str
     finally:
         decoder.close()
     assert bytes(pcm) == bytes(whole) and len(whole) > 80_000
+
+
+def test_a_file_probed_to_its_end_decodes_again_after_suspend(tmp_path: Path) -> None:
+    # 50 ms: the probe reads the whole file, so the decoder is at its end before the first read.
+    path = write_wav(tmp_path / "tiny.wav", pcm_of(GOFORWARD)[:1600])
+    decoder = open_decoder(str(path))
+    try:
+        decoder.suspend()
+        pcm = bytearray()
+        while chunk := decoder.read(4000):
+            pcm += chunk
+    finally:
+        decoder.close()
+    assert bytes(pcm) == pcm_of(GOFORWARD)[:1600]
 
 
 def test_mp3_behind_a_large_id3_tag_decodes(tmp_path: Path) -> None:
