@@ -136,17 +136,20 @@ class Streams:
 async def drain(url: str | None, pid: int, fds: int | None) -> float:
     """Seconds until ``gateway_active_streams`` (if ``url``) is back to 0 and the server holds at
     most ``fds`` descriptors (the gauge drops before each request's socket and spool file are
-    closed); with ``fds`` None, until the count has not changed for a second."""
+    closed); with ``fds`` None, until the count has not dropped for a second.
+
+    The count is read before polling the gauge, and only a drop restarts the second: the server
+    may still hold the socket of the previous poll for a moment, which is no stream's."""
     t0 = time.perf_counter()
     seen: list[tuple[float, int]] = []
 
     async def drained() -> bool:
+        now, count = time.perf_counter(), fd_count(pid)
         if url is not None and await trio.to_thread.run_sync(active_streams, url) != 0:
             return False
-        now, count = time.perf_counter(), fd_count(pid)
         if fds is not None:
             return count <= fds
-        if not seen or seen[-1][1] != count:
+        if not seen or count < seen[-1][1]:
             seen.append((now, count))
         return now - seen[-1][0] >= 1.0
 
