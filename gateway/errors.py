@@ -67,6 +67,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamUnavailable",
     "collapse_groups",
+    "status_of",
 ]
 
 
@@ -80,6 +81,17 @@ class GatewayError(Exception):
         super().__init__(detail or self.code)
         self.detail = detail or self.code
         self.retry_after = retry_after
+
+
+def status_of(code: str, default: int = 500) -> int:
+    """The HTTP status of an error code, from the tree (in-band failures carry only their code)."""
+
+    def walk(cls: type[GatewayError]) -> Iterator[type[GatewayError]]:
+        yield cls
+        for sub in cls.__subclasses__():
+            yield from walk(sub)
+
+    return next((cls.status for cls in walk(GatewayError) if cls.code == code), default)
 
 
 class BadRequest(GatewayError):

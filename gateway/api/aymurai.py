@@ -30,18 +30,18 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..audio import Upload
-from ..errors import GatewayError, InvalidBody, NotFound
+from ..errors import GatewayError, InvalidBody, NotFound, status_of
 from ..events import Done, Failed, Progress, Segment, StreamEvent, join_text
 from ..pipeline import Job
 from ..store import content_uuid
 from .common import (
     JobOptions,
-    SSEStream,
+    failure_error,
     gateway_state,
     option,
     parse_bool,
     receive_job,
-    run_to_end,
+    serve_job,
     tenant_of,
 )
 from .native import parse_segments, read_json_body
@@ -183,20 +183,9 @@ def _done_document(done: Done) -> Document:
     return _document(t.id, t.segments, t.current_time, t.total_time)
 
 
-def _statuses(cls: type[GatewayError]) -> dict[str, int]:
-    found = {cls.code: cls.status}
-    for sub in cls.__subclasses__():
-        found.update(_statuses(sub))
-    return found
-
-
-# The HTTP status of every code in the error tree: in-band failures carry only their code.
-_STATUS = _statuses(GatewayError)
-
-
 def aymurai_code(code: str, status: int | None = None) -> str:
     """The code an AymurAI client sees for a gateway error code (see the module docstring)."""
-    status = _STATUS.get(code, 500) if status is None else status
+    status = status_of(code) if status is None else status
     if status in (502, 503, 504):
         return UPSTREAM_SERVICE_ERROR
     if status >= 500:
@@ -286,21 +275,21 @@ class _Transcribe:
         except GatewayError as exc:
             await error_response(exc)(scope, receive_, send)
             return
-        if self.streaming:
-            stream = SSEStream(job, AymurAITranslator(), keepalive=state.config.server.keepalive)
-            await stream(scope, receive_, send)
-            return
-        result = await run_to_end(job, receive_)
-        if result is None:
-            return  # the client left; nobody to answer
-        if isinstance(result, Failed):
-            failure = GatewayError(result.detail)
-            failure.code = result.code
-            # The probe passed, so undecodable audio here is bad content, not a bad type.
-            failure.status = 422 if result.code == "DECODE_ERROR" else _STATUS.get(result.code, 500)
-            await error_response(failure)(scope, receive_, send)
-            return
-        await _json(_done_document(result))(scope, receive_, send)
+        await serve_job(
+            scope,
+            receive_,
+            send,
+            job,
+            translator=AymurAITranslator() if self.streaming else None,
+            keepalive=state.config.server.keepalive,
+            answer=_answer,
+        )
+
+
+def _answer(result: Done | Failed) -> Response:
+    if isinstance(result, Failed):
+        return error_response(failure_error(result))
+    return _json(_done_document(result))
 
 
 async def _find(request: Request) -> tuple[GatewayState, str]:

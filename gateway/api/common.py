@@ -1,5 +1,5 @@
 """What every front API shares: turning a request into a :class:`~gateway.pipeline.Job`, and
-serving a job as an SSE stream or as one final result.
+serving a job (:func:`serve_job`) as an SSE stream or as one final result.
 
 A front API supplies a :class:`Translator` (typed events to wire frames) and its own error shape;
 the pipeline, the store and the engines are the same for all of them.
@@ -16,16 +16,19 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import anyio
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ..audio import PcmDecoder, Upload, open_decoder, receive_upload
 from ..errors import (
+    DecodeError,
     GatewayError,
     InvalidOption,
     RequestTimeout,
     ShuttingDown,
     UnknownEngine,
     UpstreamUnavailable,
+    status_of,
 )
 from ..events import Done, Failed, StreamEvent
 from ..logs import current_request
@@ -37,13 +40,13 @@ if TYPE_CHECKING:
 __all__ = [
     "SSE_HEADERS",
     "JobOptions",
-    "SSEStream",
     "Translator",
+    "failure_error",
     "gateway_state",
     "parse_bool",
     "prepare_job",
     "receive_job",
-    "run_to_end",
+    "serve_job",
     "tenant_of",
 ]
 
@@ -293,3 +296,36 @@ async def run_to_end(job: Job, receive: Receive) -> Done | Failed | None:
     finally:
         await job.aclose()
     return result
+
+
+def failure_error(failed: Failed, default_status: int = 500) -> GatewayError:
+    """A failure after the job started, as the error a blocking endpoint answers with.
+
+    The probe passed before the job started, so audio that fails to decode later is bad content
+    (422), not a bad type (415)."""
+    error = GatewayError(failed.detail)
+    error.code = failed.code
+    error.status = (
+        422 if failed.code == DecodeError.code else status_of(failed.code, default_status)
+    )
+    return error
+
+
+async def serve_job(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    job: Job,
+    *,
+    translator: Translator | None,
+    keepalive: float,
+    answer: Callable[[Done | Failed], Response],
+) -> None:
+    """Serve a prepared job: as an SSE stream through ``translator``, or (None) as the one
+    response ``answer`` makes of its final event; nothing when the client left first."""
+    if translator is not None:
+        await SSEStream(job, translator, keepalive=keepalive)(scope, receive, send)
+        return
+    result = await run_to_end(job, receive)
+    if result is not None:
+        await answer(result)(scope, receive, send)

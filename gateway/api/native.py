@@ -17,13 +17,13 @@ from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript, j
 from ..pipeline import Job
 from .common import (
     JobOptions,
-    SSEStream,
     check_engine,
+    failure_error,
     gateway_state,
     option,
     parse_bool,
     receive_job,
-    run_to_end,
+    serve_job,
     tenant_of,
 )
 
@@ -187,33 +187,21 @@ class _Endpoint:
         except GatewayError as exc:
             await error_response(exc)(scope, receive_, send)
             return
-        if self.streaming:
-            stream = SSEStream(job, NativeTranslator(), keepalive=state.config.server.keepalive)
-            await stream(scope, receive_, send)
-            return
-        result = await run_to_end(job, receive_)
-        if result is None:
-            return  # the client left; nobody to answer
-        if isinstance(result, Failed):
-            failure = GatewayError(result.detail)
-            failure.code, failure.status = result.code, _STATUS.get(result.code, 502)
-            await error_response(failure)(scope, receive_, send)
-            return
-        await Response(_encoder.encode(_final(result)), media_type="application/json")(
-            scope, receive_, send
+        await serve_job(
+            scope,
+            receive_,
+            send,
+            job,
+            translator=NativeTranslator() if self.streaming else None,
+            keepalive=state.config.server.keepalive,
+            answer=_answer,
         )
 
 
-_STATUS = {
-    "DECODE_ERROR": 422,
-    "UPSTREAM_UNAVAILABLE": 503,
-    "UPSTREAM_ERROR": 502,
-    "TIMEOUT": 504,
-    "CAPACITY_TIMEOUT": 503,
-    "SHUTTING_DOWN": 503,
-    "INTERNAL_ERROR": 500,
-    "STORE_ERROR": 500,
-}
+def _answer(result: Done | Failed) -> Response:
+    if isinstance(result, Failed):
+        return error_response(failure_error(result, 502))
+    return Response(_encoder.encode(_final(result)), media_type="application/json")
 
 
 async def get_transcript(request: Request) -> Response:

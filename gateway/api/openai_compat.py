@@ -9,7 +9,7 @@ aliases (``openai.aliases``) map OpenAI model names such as ``whisper-1`` onto e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,17 +21,17 @@ from starlette.types import Receive, Scope, Send
 
 from .. import exports
 from ..audio import Upload
-from ..errors import GatewayError, InvalidOption, UnknownEngine
+from ..errors import GatewayError, InvalidOption, UnknownEngine, status_of
 from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript
 from ..pipeline import Job
 from .common import (
     JobOptions,
-    SSEStream,
+    failure_error,
     gateway_state,
     option,
     parse_bool,
     receive_job,
-    run_to_end,
+    serve_job,
 )
 
 if TYPE_CHECKING:
@@ -136,19 +136,6 @@ class _ModelList(msgspec.Struct):
 _encoder = msgspec.json.Encoder()
 
 
-def _gateway_errors(cls: type[GatewayError] = GatewayError) -> Iterator[type[GatewayError]]:
-    yield cls
-    for sub in cls.__subclasses__():
-        yield from _gateway_errors(sub)
-
-
-def _status_of(code: str, default: int = 502) -> int:
-    """The HTTP status this API uses for a gateway error code."""
-    if code in _STATUS_OVERRIDES:
-        return _STATUS_OVERRIDES[code]
-    return next((c.status for c in _gateway_errors() if c.code == code), default)
-
-
 def _error_type(status: int) -> str:
     if status == 401:
         return "authentication_error"
@@ -187,12 +174,6 @@ def error_response(exc: GatewayError) -> Response:
         media_type="application/json",
         headers=headers,
     )
-
-
-def _failure(failed: Failed) -> GatewayError:
-    exc = GatewayError(failed.detail)
-    exc.code, exc.status = failed.code, _status_of(failed.code)
-    return exc
 
 
 def _usage(t: Transcript) -> _Usage:
@@ -240,7 +221,8 @@ class OpenAITranslator:
             frames += _frame(_TextDone(self._text, _usage(t)))
             return frames + b"data: [DONE]\n\n" if self.done_sentinel else frames
         if isinstance(event, Failed):
-            error = _detail(event.code, event.detail, _status_of(event.code))
+            status = _STATUS_OVERRIDES.get(event.code, status_of(event.code, 502))
+            error = _detail(event.code, event.detail, status)
             return _frame(_ErrorEvent(error))
         return b": queued " + str(event.position).encode() + b"\n\n"
 
@@ -367,19 +349,22 @@ class _Transcriptions:
         except GatewayError as exc:
             await error_response(exc)(scope, receive_, send)
             return
-        if options.stream:
-            translator = OpenAITranslator(done_sentinel=state.config.openai.done_sentinel)
-            stream = SSEStream(job, translator, keepalive=state.config.server.keepalive)
-            await stream(scope, receive_, send)
-            return
-        result = await run_to_end(job, receive_)
-        if result is None:
-            return  # the client left; nobody to answer
-        if isinstance(result, Failed):
-            response = error_response(_failure(result))
-        else:
-            response = _result(result, options)
-        await response(scope, receive_, send)
+
+        def answer(result: Done | Failed) -> Response:
+            if isinstance(result, Failed):
+                return error_response(failure_error(result, 502))
+            return _result(result, options)
+
+        translator = OpenAITranslator(done_sentinel=state.config.openai.done_sentinel)
+        await serve_job(
+            scope,
+            receive_,
+            send,
+            job,
+            translator=translator if options.stream else None,
+            keepalive=state.config.server.keepalive,
+            answer=answer,
+        )
 
 
 def _models(state: GatewayState) -> list[_Model]:
