@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgspec
 
 __all__ = [
+    "MAX_SECONDS",
     "Done",
     "EngineUpdate",
     "Failed",
@@ -21,6 +22,11 @@ __all__ = [
     "Word",
     "join_text",
 ]
+
+
+# The latest time a stored segment may carry (about 31 years): every view renders it (SRT/VTT
+# clocks, ISO-8601 durations, JSON). The store refuses corrections past it.
+MAX_SECONDS = 1e9
 
 
 class Word(msgspec.Struct, frozen=True, array_like=True):
