@@ -26,10 +26,17 @@ from typing import Any, TypeVar
 import anyio
 import msgspec
 
-from .errors import StoreError, collapse_groups
-from .events import Segment, Transcript, Word
+from .errors import InvalidBody, StoreError, collapse_groups
+from .events import MAX_SECONDS, Segment, Transcript, Word
 
-__all__ = ["SCHEMA_VERSION", "Store", "StoredTranscript", "content_uuid", "open_store"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Store",
+    "StoredTranscript",
+    "check_times",
+    "content_uuid",
+    "open_store",
+]
 
 T = TypeVar("T")
 
@@ -69,6 +76,17 @@ _words_dec = msgspec.json.Decoder(tuple[Word, ...])
 def content_uuid(id: str) -> str:
     """The UUID form of a content id: ``uuid5(NAMESPACE_DNS, id)``."""
     return str(uuid.uuid5(uuid.NAMESPACE_DNS, id))
+
+
+def check_times(segments: tuple[Segment, ...]) -> None:
+    """Refuse (InvalidBody) human-made segments whose times some view could not render: every
+    time within 0..MAX_SECONDS, and no segment ending before it starts. NaN fails every test."""
+    for i, s in enumerate(segments):
+        if not (0 <= s.start <= s.end <= MAX_SECONDS):
+            raise InvalidBody(
+                f"segment {i}: need 0 <= start <= end <= {MAX_SECONDS:.0f},"
+                f" got start {s.start!r}, end {s.end!r}"
+            )
 
 
 class StoredTranscript(msgspec.Struct, frozen=True, kw_only=True):
@@ -252,7 +270,9 @@ class Store:
     async def set_corrections(
         self, id: str, segments: tuple[Segment, ...], tenant: str = ""
     ) -> bool:
-        """Save human-corrected segments; False when the transcript is unknown."""
+        """Save human-corrected segments; False when the transcript is unknown. Times are checked
+        here, for every front API (:func:`check_times`)."""
+        check_times(segments)
         blob = _segments_enc.encode(segments)
 
         def q(conn: sqlite3.Connection) -> bool:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from pathlib import Path
 
 import pytest
 import trio
 
-from gateway.errors import StoreError
-from gateway.events import Segment, Transcript
+from gateway.errors import InvalidBody, StoreError
+from gateway.events import MAX_SECONDS, Segment, Transcript
 from gateway.store import SCHEMA_VERSION, open_store
 
 pytestmark = pytest.mark.anyio
@@ -133,3 +134,27 @@ async def test_corrections_view_replaces_segments_and_flags_nothing_else(tmp_pat
     assert got is not None
     assert got.transcript().text == "helo"
     assert got.transcript(corrections=True).segments == fixed
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        Segment(0.0, 1e15, "too late"),
+        Segment(0.0, math.inf, "never ends"),
+        Segment(math.nan, 1.0, "no start"),
+        Segment(-0.5, 1.0, "before the start"),
+        Segment(2.0, 1.0, "ends before it starts"),
+    ],
+)
+async def test_corrections_with_times_no_view_can_render_are_refused(
+    tmp_path: Path, segment: Segment
+) -> None:
+    with trio.fail_after(10):
+        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+            await store.save(transcript("a", "helo"))
+            with pytest.raises(InvalidBody, match="segment 1"):
+                await store.set_corrections("a", (Segment(0.0, 1.0, "fine"), segment))
+            # The bound itself is allowed, and so is a zero-length segment.
+            assert await store.set_corrections("a", (Segment(MAX_SECONDS, MAX_SECONDS, "last"),))
+            got = await store.get("a")
+    assert got is not None and got.corrected == (Segment(MAX_SECONDS, MAX_SECONDS, "last"),)
