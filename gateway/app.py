@@ -12,18 +12,27 @@ import anyio
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from . import metrics
 from .api import aymurai, native, openai_compat
-from .auth import AuthMiddleware, KeyRing, TenantStreams
+from .auth import AuthMiddleware, KeyRing, TenantStreams, error_response_for
 from .config import Config
 from .engines import Engine, build_engine
-from .errors import UnknownEngine
-from .logs import RequestLogMiddleware
+from .errors import (
+    BadRequest,
+    ClientDisconnected,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    UnknownEngine,
+)
+from .logs import RequestLogMiddleware, current_request
 from .pipeline import StopSignal
 from .store import Store, open_store
 
@@ -112,6 +121,38 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+async def routing_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such path, a method the path does not take) as coded errors
+    in the shape of the front API the path belongs to, instead of plain text."""
+    assert isinstance(exc, HTTPException)
+    error: GatewayError
+    if exc.status_code == 404:
+        error = NotFound("no route matches this path")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"this path does not take {request.method}")
+    else:
+        error = BadRequest(exc.detail)
+        error.status = exc.status_code
+    response = error_response_for(request.url.path, error)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+class _NoAnswer(Response):
+    """Sends nothing: for a client that is gone."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return
+
+
+async def client_disconnected(request: Request, exc: Exception) -> Response:
+    """A client that left mid-body gets no answer (nobody is there): the access log says
+    499 DISCONNECTED, and nothing is logged as an error."""
+    if (entry := current_request()) is not None:
+        entry.outcome = ClientDisconnected.code
+    return _NoAnswer()
+
+
 def create_app(config: Config) -> Starlette:
     """Build the ASGI app; the store and engines open in its lifespan."""
 
@@ -149,4 +190,12 @@ def create_app(config: Config) -> Starlette:
         middleware.append(
             Middleware(AuthMiddleware, keys=keys, protect_metrics=config.auth.protect_metrics)
         )
-    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={
+            HTTPException: routing_error,
+            ClientDisconnected: client_disconnected,
+        },
+    )

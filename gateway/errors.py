@@ -20,6 +20,7 @@ module with ``raise ... from exc``.
     ├── DecodeError                   DECODE_ERROR           415
     ├── NotFound                      NOT_FOUND              404
     │   └── UnknownEngine             UNKNOWN_ENGINE         404
+    ├── MethodNotAllowed              METHOD_NOT_ALLOWED     405 (+ Allow)
     ├── TooManyStreams                TOO_MANY_STREAMS       429 (+ Retry-After)
     ├── CapacityExhausted             CAPACITY_EXHAUSTED     503 (+ Retry-After)
     ├── CapacityTimeout               CAPACITY_TIMEOUT       503
@@ -31,7 +32,9 @@ module with ``raise ... from exc``.
     ├── StoreError                    STORE_ERROR            500
     └── InternalError                 INTERNAL_ERROR         500
 
-``ConfigError`` stands apart: it is raised at start-up, never shown to an HTTP client.
+``ConfigError`` stands apart: it is raised at start-up, never shown to an HTTP client. So does
+``ClientDisconnected``: the client left while sending its body, so there is nobody to answer; it
+is logged as 499 DISCONNECTED.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "BadRequest",
     "CapacityExhausted",
     "CapacityTimeout",
+    "ClientDisconnected",
     "ConfigError",
     "DecodeError",
     "EmptyFile",
@@ -53,6 +57,7 @@ __all__ = [
     "InternalError",
     "InvalidBody",
     "InvalidOption",
+    "MethodNotAllowed",
     "MissingFile",
     "NotFound",
     "PayloadTooLarge",
@@ -146,6 +151,10 @@ class UnknownEngine(NotFound):
     code = "UNKNOWN_ENGINE"
 
 
+class MethodNotAllowed(GatewayError):
+    code, status = "METHOD_NOT_ALLOWED", 405
+
+
 class CapacityExhausted(GatewayError):
     code, status = "CAPACITY_EXHAUSTED", 503
 
@@ -186,6 +195,12 @@ class InternalError(GatewayError):
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names the offending key."""
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its request body was complete."""
+
+    code = "DISCONNECTED"
 
 
 @contextmanager

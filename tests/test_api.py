@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from contextlib import aclosing
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import trio
 from audio_util import GOFORWARD, LIBRIVOX, SHORT, pcm_of, write_wav
 from conftest import collect, make_config, run_gateway, sse_events
 
+from gateway import exports
 from gateway.engines.scripted import ScriptedEngine
-from gateway.events import Segment, Transcript
+from gateway.events import MAX_SECONDS, Segment, Transcript
+from gateway.store import content_uuid
 
 pytestmark = pytest.mark.anyio
 
@@ -582,3 +585,129 @@ async def test_a_cache_hit_is_served_while_the_engine_is_full(tmp_path: Path) ->
                 assert events[0].data["text"] == "go forward"
                 assert engine.opened == 1
                 n.cancel_scope.cancel()
+
+
+async def test_corrections_times_are_bounded_once_for_every_front(tmp_path: Path) -> None:
+    # Times some view cannot render are refused by the store, whichever front sends them; a row
+    # written before the bound existed still renders everywhere (clamped).
+    config = make_config(
+        tmp_path,
+        server={"default_engine": "fake"},
+        engines={"fake": scripted(words=["helo", "wrld"])},
+        aymurai={"engine": "fake"},
+    )
+    db = tmp_path / "store" / "gateway.sqlite3"
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
+            done = (await c.post("/v1/transcriptions", files=upload(GOFORWARD))).json()
+            base = f"/v1/transcriptions/{done['id']}"
+            document = f"/asr/validation/document/{content_uuid(done['id'])}"
+            refused = [
+                await c.put(base + "/corrections", json={"segments": [segment]})
+                for segment in (
+                    {"start": 0, "end": 1e15, "text": "x"},
+                    {"start": 0, "end": 1e306, "text": "x"},
+                    {"start": -1, "end": 1, "text": "x"},
+                    {"start": 2, "end": 1, "text": "x"},
+                )
+            ]
+            aymurai_refused = await c.post(
+                document, json=[{"speaker_no": 0, "start": 0, "end": 1e15, "text": "x"}]
+            )
+            untouched = (await c.get(base)).json()
+            at_bound = await c.put(
+                base + "/corrections",
+                json={"segments": [{"start": 0, "end": MAX_SECONDS, "text": "long"}]},
+            )
+
+            async def every_view() -> list[httpx.Response]:
+                views = [await c.get(base, params={"format": f}) for f in exports.FORMATS]
+                views += [
+                    await c.post(
+                        "/v1/audio/transcriptions",
+                        files=upload(GOFORWARD),
+                        data={"model": "fake", "response_format": f},
+                    )
+                    for f in ("json", "srt", "vtt", "verbose_json")
+                ]
+                views += [
+                    await c.get(document),
+                    await c.post("/asr/transcribe", files=upload(GOFORWARD)),
+                ]
+                return views
+
+            bounded = await every_view()
+            async with c.stream("POST", "/asr/transcribe/stream", files=upload(GOFORWARD)) as r:
+                bounded_stream = [e.event for e in await collect(r)]
+            # A row stored by an older gateway, before times were bounded.
+            with sqlite3.connect(db) as conn:
+                conn.execute(
+                    "UPDATE transcripts SET corrected = ?",
+                    (
+                        b'[{"start":1e306,"end":1e306,"text":"old"},{"start":0,"end":1e15,"text":"x"}]',
+                    ),
+                )
+            legacy = await every_view()
+            async with c.stream("POST", "/asr/transcribe/stream", files=upload(GOFORWARD)) as r:
+                legacy_stream = [e.event for e in await collect(r)]
+    for r in refused:
+        assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_BODY", r.text
+    assert aymurai_refused.status_code == 400
+    assert aymurai_refused.json()["code"] == "INVALID_BODY"
+    assert untouched["corrected"] is False
+    assert at_bound.status_code == 200 and at_bound.json()["segments"][0]["end"] == MAX_SECONDS
+    for r in [*bounded, *legacy]:
+        assert r.status_code == 200, (r.request.url, r.text)
+    assert bounded_stream == legacy_stream == ["done"]
+    # The bound as a clock: 277,777 hours and some.
+    assert "00:00:00,000 --> 277777:46:40,000\nlong" in bounded[2].text
+    assert "\nx\n" in legacy[2].text and "\nold\n" in legacy[2].text
+
+
+async def test_subtitles_of_corrections_are_sorted_timed_and_unbroken(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path, server={"default_engine": "fake"}, engines={"fake": scripted(words=["a"])}
+    )
+    segments = [
+        {"start": 3.0, "end": 4.0, "text": "third"},
+        {"start": 1.0, "end": 1.0, "text": "instant"},
+        {"start": 0.0, "end": 1.0, "text": "first line\n\n  \nsecond line"},
+        {"start": 5.0, "end": 5.0, "text": "last"},
+    ]
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
+            id = (await c.post("/v1/transcriptions", files=upload(GOFORWARD))).json()["id"]
+            base = f"/v1/transcriptions/{id}"
+            put = await c.put(base + "/corrections", json={"segments": segments})
+            srt = (await c.get(base, params={"format": "srt"})).text
+            vtt = (await c.get(base, params={"format": "vtt"})).text
+    assert put.status_code == 200
+    # By start time; a blank line inside a text is folded away (it would end the cue); a
+    # zero-length cue lasts until the next one starts, at most ZERO_CUE_MS.
+    assert srt == (
+        "1\n00:00:00,000 --> 00:00:01,000\nfirst line\nsecond line\n\n"
+        "2\n00:00:01,000 --> 00:00:01,500\ninstant\n\n"
+        "3\n00:00:03,000 --> 00:00:04,000\nthird\n\n"
+        "4\n00:00:05,000 --> 00:00:05,500\nlast\n\n"
+    )
+    assert vtt == "WEBVTT\n\n" + srt.replace(",", ".")
+
+
+async def test_unknown_paths_and_methods_are_coded_native_errors(tmp_path: Path) -> None:
+    config = make_config(tmp_path, engines=engines(fake=scripted(words=["a"])))
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            missing = [await c.get(p) for p in ("/", "/nope", "/v1/nope", "/v1/transcriptions/a/b")]
+            wrong = [
+                await c.get("/v1/transcriptions"),
+                await c.delete("/v1/transcriptions/abc"),
+                await c.post("/healthz"),
+            ]
+    for r in missing:
+        assert r.status_code == 404 and r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["code"] == "NOT_FOUND" and r.json()["error"]["detail"]
+    for r in wrong:
+        assert r.status_code == 405 and r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+    assert wrong[0].headers["allow"] == "POST"
+    assert set(wrong[1].headers["allow"].split(", ")) == {"GET", "HEAD"}

@@ -42,7 +42,7 @@ from gateway.api.aymurai import (
 from gateway.auth import add_key
 from gateway.config import AuthConfig, Config
 from gateway.engines.scripted import ScriptedEngine
-from gateway.events import Done, Failed, Progress, Queued, Segment, Transcript
+from gateway.events import MAX_SECONDS, Done, Failed, Progress, Queued, Segment, Transcript
 from gateway.store import StoredTranscript, content_uuid
 
 pytestmark = pytest.mark.anyio
@@ -922,3 +922,24 @@ async def test_tenants_are_apart_and_auth_failures_use_this_shape(tmp_path: Path
     assert second.status_code == 429 and second.json()["code"] == "TOO_MANY_STREAMS"
     assert int(second.headers["retry-after"]) >= 1
     assert opened == 2
+
+
+async def test_unknown_paths_and_methods_are_json_detail_and_code(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with gateway(config(tmp_path)) as (_, c):
+            missing = await c.get("/asr/nope")
+            wrong = await c.get(TRANSCRIBE)
+            put = await c.put(validation(HOLA_ID), json=[])
+    assert missing.status_code == 404
+    assert missing.json() == {"detail": "no route matches this path", "code": "NOT_FOUND"}
+    for r in (wrong, put):
+        assert r.status_code == 405 and r.headers["content-type"] == "application/json"
+        assert set(r.json()) == {"detail", "code"} and r.json()["code"] == "METHOD_NOT_ALLOWED"
+    assert wrong.headers["allow"] == "POST"
+
+
+def test_iso_duration_of_a_time_stored_before_times_were_bounded() -> None:
+    # timedelta overflows past ~86 billion seconds: clamped to the store's bound instead.
+    assert iso_duration(1e15) == iso_duration(1e306) == iso_duration(MAX_SECONDS)
+    assert iso_duration(MAX_SECONDS) == "P31Y259DT1H46M40S"
+    assert iso_duration(-3.0) == iso_duration(math.nan) == "PT0S"

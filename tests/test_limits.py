@@ -1,6 +1,7 @@
 """Slow-loris limits on a real hypercorn, driven by raw trio sockets on loopback:
 ``server.header_timeout`` (hypercorn's idle timer) and ``server.body_timeout`` (the gateway's
-per-chunk body deadline, 408 REQUEST_TIMEOUT), plus how hypercorn.toml maps onto them."""
+per-chunk body deadline, 408 REQUEST_TIMEOUT) on every route that reads a body, the up-front
+refusal of an oversize declared length, plus how hypercorn.toml maps onto them."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import trio
 from audio_util import GOFORWARD, LIBRIVOX
 from conftest import collect, make_config, run_gateway, wait_until
 
+from gateway.api.common import MAX_JSON_BYTES
 from gateway.audio import SPOOL_BATCH_BYTES
-from gateway.config import load_config
+from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.server import hypercorn_config
+from gateway.store import content_uuid
 
 pytestmark = pytest.mark.anyio
 
@@ -177,3 +180,91 @@ def test_hypercorn_toml_may_not_override_our_timeouts(tmp_path: Path, key: str) 
     config = load_config(environ={"GATEWAY_SERVER_HYPERCORN_CONFIG": str(path)})
     with pytest.raises(ConfigError, match=key):
         hypercorn_config(config)
+
+
+def error_code(response: bytes) -> tuple[bytes, str]:
+    """The status line and the machine-readable code of a raw HTTP error response, whatever
+    the API's shape (``{"error": {"code"}}`` or ``{"code"}``)."""
+    status_line, _, rest = response.partition(b"\r\n")
+    payload = json.loads(rest.partition(b"\r\n\r\n")[2])
+    code = payload["error"]["code"] if "error" in payload else payload["code"]
+    return status_line, code.upper()
+
+
+async def body_routes(url: str) -> list[tuple[str, str, str]]:
+    """(method, path, content type) of every route that reads a body, on a stored transcript."""
+    async with httpx.AsyncClient(base_url=url) as c:
+        done = await c.post(
+            "/v1/transcriptions",
+            content=GOFORWARD.read_bytes(),
+            headers={"content-type": "audio/wav"},
+        )
+    id = done.json()["id"]
+    return [
+        ("POST", "/v1/transcriptions", "audio/wav"),
+        ("POST", STREAM, "audio/wav"),
+        ("POST", "/v1/audio/transcriptions", "audio/wav"),
+        ("POST", "/asr/transcribe", "audio/wav"),
+        ("POST", "/asr/transcribe/stream", "audio/wav"),
+        ("PUT", f"/v1/transcriptions/{id}/corrections", "application/json"),
+        ("POST", f"/asr/validation/document/{content_uuid(id)}", "application/json"),
+    ]
+
+
+async def raw_answers(config: Config, length: int, sent: bytes, bound: float) -> list[bytes]:
+    """Each body route's raw answer to a request declaring ``length`` bytes and sending ``sent``
+    (then waiting, connection open), each bounded by ``bound`` seconds."""
+    answers = []
+    async with run_gateway(config) as gw:
+        for method, path, ctype in await body_routes(gw.url):
+            stream = await connect(gw.url)
+            head = (
+                f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {length}\r\n\r\n"
+            )
+            await stream.send_all(head.encode() + sent)
+            with trio.fail_after(bound):
+                answers.append(await read_all(stream))
+            await stream.aclose()
+    return answers
+
+
+@pytest.mark.parametrize(
+    ("length", "body_timeout", "status", "code"),
+    [
+        # The declared length alone decides: 2 bytes of 93 GiB, and no waiting for the rest.
+        (99_999_999_999, 30.0, b"HTTP/1.1 413 ", "PAYLOAD_TOO_LARGE"),
+        # A length within bounds, and then the client stalls.
+        (100, 0.3, b"HTTP/1.1 408 ", "REQUEST_TIMEOUT"),
+    ],
+)
+async def test_every_body_route_shares_one_reader_and_its_limits(
+    tmp_path: Path, length: int, body_timeout: float, status: bytes, code: str
+) -> None:
+    config = make_config(
+        tmp_path, server=limits(tmp_path, body_timeout=body_timeout), engines=engines()
+    )
+    with trio.fail_after(30):
+        answers = await raw_answers(config, length, b"[{", bound=3)
+    assert len(answers) == 7
+    for response in answers:
+        assert error_code(response) == (status, code), response
+
+
+async def test_a_json_body_is_cut_at_its_limit_whatever_its_framing(tmp_path: Path) -> None:
+    # Chunked: no length to refuse up front, so the reader counts.
+    config = make_config(tmp_path, server=limits(tmp_path), engines=engines())
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for _ in range(MAX_JSON_BYTES // 65536 + 2):
+            yield b" " * 65536
+
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            routes = [r for r in await body_routes(gw.url) if r[2] == "application/json"]
+            answers = [
+                await c.request(method, path, content=chunked(), headers={"content-type": ctype})
+                for method, path, ctype in routes
+            ]
+    assert [r.status_code for r in answers] == [413, 413]
+    assert answers[0].json()["error"]["code"] == answers[1].json()["code"] == "PAYLOAD_TOO_LARGE"

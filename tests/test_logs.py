@@ -213,3 +213,44 @@ async def test_serve_writes_access_lines_to_stderr(tmp_path: Path, fmt: str) -> 
         assert "status=401" in access[1] and 'outcome="UNAUTHORIZED"' in access[1]
     for secret in (key.split("_", 2)[2], *WORDS):
         assert secret not in output
+
+
+async def test_a_client_that_leaves_mid_body_is_logged_499_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    config = make_config(
+        tmp_path,
+        engines={"fake": {"kind": "scripted", "words": WORDS}},
+        server={"default_engine": "fake"},
+    )
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw:
+            async with httpx.AsyncClient(base_url=gw.url) as c:
+                done = await c.post(
+                    "/v1/transcriptions", content=AUDIO, headers={"content-type": "audio/wav"}
+                )
+            host, port = gw.url.removeprefix("http://").split(":")
+            requests = {
+                "upload": ("POST", STREAM, "audio/wav", AUDIO),
+                "corrections": (
+                    "PUT",
+                    f"/v1/transcriptions/{done.json()['id']}/corrections",
+                    "application/json",
+                    b'{"segments": [{"start": 0, "end": 1, "text": "hello"}]}',
+                ),
+            }
+            for request_id, (method, path, ctype, body) in requests.items():
+                stream = await trio.open_tcp_stream(host, int(port))
+                head = (
+                    f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nX-Request-ID: {request_id}\r\n\r\n"
+                )
+                await stream.send_all(head.encode() + body[: len(body) // 2])
+                await stream.aclose()
+            await wait_until(lambda: {"upload", "corrections"} <= set(access_lines(caplog.records)))
+    lines = access_lines(caplog.records)
+    for request_id in ("upload", "corrections"):
+        assert lines[request_id]["status"] == 499
+        assert lines[request_id]["outcome"] == "DISCONNECTED"
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []

@@ -712,3 +712,34 @@ async def test_queue_positions_are_sse_comments(tmp_path: Path) -> None:
     events = [json.loads(f[len("data: ") :]) for f in raw_frames(rest)]
     assert [e["type"] for e in events][-1] == "transcript.text.done"
     assert "".join(e.get("delta", "") for e in events) == events[-1]["text"] == "x y"
+
+
+async def test_unknown_paths_and_methods_are_openai_errors(tmp_path: Path) -> None:
+    cfg = config(tmp_path, fake=scripted())
+    with trio.fail_after(30):
+        async with run_gateway(cfg) as gw:
+            async with httpx.AsyncClient(base_url=gw.url) as c:
+                missing = await c.get("/v1/audio/translations/x")
+                wrong = await c.get(ENDPOINT)
+                models = await c.delete("/v1/models")
+
+            def sdk(c: openai.OpenAI) -> openai.APIStatusError:
+                try:
+                    c.get("/audio/speech", cast_to=httpx.Response)
+                except openai.APIStatusError as exc:
+                    return exc
+                raise AssertionError("no error")
+
+            via_sdk = await in_thread(gw, sdk)
+    assert missing.status_code == 404 and missing.json()["error"] == {
+        "message": "no route matches this path",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "not_found",
+    }
+    for r in (wrong, models):
+        assert r.status_code == 405 and r.headers["x-should-retry"] == "false"
+        assert r.json()["error"]["code"] == "method_not_allowed"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    assert wrong.headers["allow"] == "POST"
+    assert isinstance(via_sdk, openai.NotFoundError) and via_sdk.code == "not_found"

@@ -15,15 +15,17 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import anyio
 from sse_starlette import EventSourceResponse
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ..audio import PcmDecoder, Upload, open_decoder, receive_upload
+from ..audio import MULTIPART_OVERHEAD, PcmDecoder, Upload, open_decoder, receive_upload
 from ..errors import (
+    ClientDisconnected,
     DecodeError,
     GatewayError,
     InvalidOption,
+    PayloadTooLarge,
     RequestTimeout,
     ShuttingDown,
     UnknownEngine,
@@ -38,13 +40,16 @@ if TYPE_CHECKING:
     from ..app import GatewayState
 
 __all__ = [
+    "MAX_JSON_BYTES",
     "SSE_HEADERS",
     "JobOptions",
     "Translator",
+    "body_chunks",
     "failure_error",
     "gateway_state",
     "parse_bool",
     "prepare_job",
+    "read_body",
     "receive_job",
     "serve_job",
     "tenant_of",
@@ -52,6 +57,8 @@ __all__ = [
 
 log = logging.getLogger("gateway.api")
 
+# A JSON body (corrections, a validation) is a list of segments: 1 MiB holds hours of text.
+MAX_JSON_BYTES = 1024 * 1024
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -121,27 +128,54 @@ def parse_bool(name: str, value: str, default: bool) -> bool:
     raise InvalidOption(f"{name} must be true or false, got {value!r}")
 
 
-async def _body(request: Request, max_gap: float) -> AsyncGenerator[bytes, None]:
-    """The body's chunks; RequestTimeout when none arrives for ``max_gap`` seconds (slow loris)."""
+async def body_chunks(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The one reader of every request body, for every route that takes one.
+
+    - A declared Content-Length over ``limit`` is PayloadTooLarge before a byte is read; a body
+      that turns out longer (chunked, or a lying length) is cut once it passes ``limit``.
+    - RequestTimeout when no chunk arrives for ``server.body_timeout`` seconds (slow loris).
+    - A client that leaves mid-body is :class:`ClientDisconnected` (logged 499, not answered).
+    """
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"a body of {length} bytes exceeds this route's {limit}")
+    max_gap = gateway_state(request).config.server.body_timeout
+    received = 0
     async with aclosing(request.stream()) as chunks:
         while True:
             with anyio.move_on_after(max_gap) as scope:
-                chunk = await anext(chunks, None)
+                try:
+                    chunk = await anext(chunks, None)
+                except ClientDisconnect as exc:
+                    raise ClientDisconnected("the client left while sending the body") from exc
             if scope.cancelled_caught:
                 raise RequestTimeout(f"no request body data for {max_gap:g} s")
             if chunk is None:
                 return
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(f"the body is larger than this route's {limit} bytes")
             if chunk:
                 yield chunk
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """A whole (small) body through :func:`body_chunks`."""
+    body = bytearray()
+    async with aclosing(body_chunks(request, limit)) as chunks:
+        async for chunk in chunks:
+            body += chunk
+    return bytes(body)
+
+
 async def receive(request: Request, state: GatewayState) -> Upload:
     length = request.headers.get("content-length")
+    max_bytes = state.config.server.max_upload_bytes
     return await receive_upload(
         request.headers.get("content-type", ""),
         int(length) if length and length.isdigit() else None,
-        _body(request, state.config.server.body_timeout),
-        max_bytes=state.config.server.max_upload_bytes,
+        body_chunks(request, max_bytes + MULTIPART_OVERHEAD),
+        max_bytes=max_bytes,
         spool_dir=state.config.server.spool_dir or None,
     )
 

@@ -12,16 +12,18 @@ from starlette.types import Receive, Scope, Send
 
 from .. import exports
 from ..audio import Upload
-from ..errors import GatewayError, InvalidBody, InvalidOption, NotFound, PayloadTooLarge
+from ..errors import GatewayError, InvalidBody, InvalidOption, NotFound
 from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript, join_text
 from ..pipeline import Job
 from .common import (
+    MAX_JSON_BYTES,
     JobOptions,
     check_engine,
     failure_error,
     gateway_state,
     option,
     parse_bool,
+    read_body,
     receive_job,
     serve_job,
     tenant_of,
@@ -237,10 +239,6 @@ async def get_transcript(request: Request) -> Response:
     return Response(_encoder.encode(view), media_type="application/json")
 
 
-# A corrections body is a list of segments: 1 MiB holds hours of text.
-MAX_CORRECTIONS_BYTES = 1024 * 1024
-
-
 class _Corrections(msgspec.Struct, forbid_unknown_fields=True):
     segments: list[Segment]
 
@@ -248,36 +246,18 @@ class _Corrections(msgspec.Struct, forbid_unknown_fields=True):
 _corrections = msgspec.json.Decoder(_Corrections)
 
 
-def parse_segments(segments: list[Segment]) -> tuple[Segment, ...]:
-    """Check human-made segments: times finite, non-negative and ordered within a segment."""
-    for i, s in enumerate(segments):
-        if not (0 <= s.start <= s.end < float("inf")):
-            raise InvalidBody(f"segments[{i}]: need 0 <= start <= end, got {s.start}, {s.end}")
-    return tuple(segments)
-
-
-async def read_json_body(request: Request, limit: int = MAX_CORRECTIONS_BYTES) -> bytes:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-    return bytes(body)
-
-
 async def put_corrections(request: Request) -> Response:
     """Store human corrections; later GETs and cache hits return them, flagged ``corrected``."""
     state = gateway_state(request)
     try:
         try:
-            body = _corrections.decode(await read_json_body(request))
+            body = _corrections.decode(await read_body(request, MAX_JSON_BYTES))
         except msgspec.ValidationError as exc:
             raise InvalidBody(f"invalid corrections: {exc}") from exc
         except msgspec.DecodeError as exc:
             raise InvalidBody(f"the body is not JSON: {exc}") from exc
-        segments = parse_segments(body.segments)
         if not await state.store.set_corrections(
-            request.path_params["id"], segments, tenant_of(request)
+            request.path_params["id"], tuple(body.segments), tenant_of(request)
         ):
             raise NotFound("no transcript with this id")
     except GatewayError as exc:
