@@ -8,11 +8,14 @@ tentative partials about every ``partial_interval`` seconds of audio; when the s
 decodes the whole segment again with ``full_utt=True`` and commits that text.
 
 Each session holds one decoder (about 90 MB) and one worker for its whole life, so at most
-``workers`` decodes run at once; further sessions queue with visible positions.
+``workers`` decodes run at once; further sessions queue with visible positions. Decoders are
+pooled (building one takes ~0.3 s), and a decoder goes back to the pool only after a reset to the
+state it was built in, however its session ended (see :class:`_PooledDecoder`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import AsyncIterator
@@ -30,6 +33,8 @@ from .base import PCM_BYTES_PER_SECOND, PCM_SAMPLE_RATE, Engine, Session, Sessio
 
 __all__ = ["PocketSphinxEngine", "Recognizer"]
 
+log = logging.getLogger("gateway.engines.embedded")
+
 # Updates waiting for the pipeline's receiver. Each holds the transcript so far (a few KiB for an
 # hour of speech), so a session buffers at most 4 snapshots.
 RESULTS_CAPACITY = 4
@@ -40,6 +45,26 @@ _FILLERS = {"<s>", "</s>", "<sil>"}
 
 def _new_decoder() -> Any:
     return pocketsphinx.Decoder(loglevel="FATAL")
+
+
+class _PooledDecoder:
+    """A decoder and what :meth:`reset` needs to make it as good as new.
+
+    Two things outlive an utterance in a PocketSphinx decoder. An utterance a session left open
+    (a client that went away, audio that failed to decode) makes every later ``start_utt`` fail.
+    And the live cepstral mean normalisation keeps adapting across utterances, so the next
+    session's text would depend on the audio of the previous, unrelated ones. ``reset`` closes
+    any open utterance and restores the CMN estimate the decoder was built with.
+    """
+
+    def __init__(self) -> None:
+        self.decoder = _new_decoder()
+        self._initial_cmn: str = self.decoder.get_cmn(False)
+
+    def reset(self, in_utterance: bool) -> None:
+        if in_utterance:
+            self.decoder.end_utt()
+        self.decoder.set_cmn(self._initial_cmn)
 
 
 class Recognizer:
@@ -60,6 +85,11 @@ class Recognizer:
         self._committed: list[Segment] = []
         self._words: list[Word] = []
         self._tentative: tuple[Segment, ...] = ()
+
+    @property
+    def in_utterance(self) -> bool:
+        """Whether the decoder has an utterance open (a session that ended mid-speech)."""
+        return self._live
 
     @property
     def processed(self) -> float:
@@ -178,22 +208,25 @@ class Recognizer:
 
 class _EmbeddedSession(Session):
     def __init__(self, recognizer: Recognizer) -> None:
-        self._rec = recognizer
+        self.recognizer = recognizer
         self._send, self._recv = anyio.create_memory_object_stream[EngineUpdate](RESULTS_CAPACITY)
+        # The decoder raised: its state is unknown, so it is dropped rather than pooled.
+        self.failed = False
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         try:
             # Not abandoned on cancel: the decoder must be idle before it goes back to the pool.
             return await anyio.to_thread.run_sync(fn, *args)
         except (RuntimeError, ValueError) as exc:
+            self.failed = True
             raise UpstreamError(f"pocketsphinx failed: {exc}") from exc
 
     async def send_audio(self, chunk: bytes) -> None:
-        for update in await self._run(self._rec.feed, chunk):
+        for update in await self._run(self.recognizer.feed, chunk):
             await self._send.send(update)
 
     async def end_audio(self) -> None:
-        final = await self._run(self._rec.finish)
+        final = await self._run(self.recognizer.finish)
         await self._send.send(final)
         await self._send.aclose()
 
@@ -218,28 +251,35 @@ class PocketSphinxEngine(Engine):
             max_queue=config.max_queue,
             queue_timeout=config.queue_timeout,
         )
-        self._idle: list[Any] = []
+        self._idle: list[_PooledDecoder] = []
 
     def admit(self) -> None:
         self._admission.check()
 
-    @asynccontextmanager
-    async def _decoder(self) -> AsyncIterator[Any]:
-        decoder = self._idle.pop() if self._idle else await anyio.to_thread.run_sync(_new_decoder)
+    async def _release(self, pooled: _PooledDecoder, session: _EmbeddedSession) -> None:
+        """Reset the decoder and pool it; one that failed or fails to reset is dropped."""
+        if session.failed:
+            return
         try:
-            yield decoder
-        finally:
-            self._idle.append(decoder)
+            await anyio.to_thread.run_sync(pooled.reset, session.recognizer.in_utterance)
+        except (RuntimeError, ValueError):
+            log.warning("dropped a pocketsphinx decoder that failed to reset", exc_info=True)
+            return
+        self._idle.append(pooled)
 
     @asynccontextmanager
     async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
-        async with self._admission.acquire(options.on_queued), self._decoder() as decoder:
-            session = _EmbeddedSession(Recognizer(decoder, self.config))
+        async with self._admission.acquire(options.on_queued):
+            pooled = self._idle.pop() if self._idle else None
+            if pooled is None:
+                pooled = await anyio.to_thread.run_sync(_PooledDecoder)
+            session = _EmbeddedSession(Recognizer(pooled.decoder, self.config))
             try:
                 yield session
             finally:
                 with anyio.CancelScope(shield=True):
                     await session.aclose()
+                    await self._release(pooled, session)
 
     def stats(self) -> dict[str, Any]:
         return {
