@@ -113,6 +113,13 @@ def test_append_carries_raw_pcm_as_base64_and_commit_is_bare() -> None:
     assert json.loads(encode_commit()) == {"type": "input_audio_buffer.commit"}
 
 
+def test_commit_may_carry_an_event_id_for_the_error_it_causes_to_name() -> None:
+    assert json.loads(encode_commit("commit_0_1")) == {
+        "type": "input_audio_buffer.commit",
+        "event_id": "commit_0_1",
+    }
+
+
 # -- server events -----------------------------------------------------------------------------
 
 
@@ -267,6 +274,8 @@ def test_discard_unstable_keeps_only_the_completed_prefix() -> None:
         completed("a", "one"),
         completed("c", "three"),
     )
+    # c completed out of order: pending behind b, but only b is incomplete.
+    assert (asm.pending, asm.incomplete) == (2, 1)
     assert asm.discard_unstable() == ["b", "c"]
     assert asm.last_stable_id == "a"
     # A new upstream session starts a new chain.

@@ -122,9 +122,10 @@ class InputAudioBufferAppend(
 
 
 class InputAudioBufferCommit(
-    Struct, frozen=True, tag="input_audio_buffer.commit", tag_field="type"
+    Struct, frozen=True, omit_defaults=True, tag="input_audio_buffer.commit", tag_field="type"
 ):
-    pass
+    # Optional; an ``error`` this commit causes (commit_empty) names it in ``error.event_id``.
+    event_id: str | UnsetType = UNSET
 
 
 ClientEvent = SessionUpdate | InputAudioBufferAppend | InputAudioBufferCommit
@@ -175,8 +176,11 @@ def encode_append(pcm: bytes) -> str:
 _COMMIT_FRAME: Final = encode_client_event(InputAudioBufferCommit())
 
 
-def encode_commit() -> str:
-    return _COMMIT_FRAME
+def encode_commit(event_id: str = "") -> str:
+    """A commit frame; with ``event_id`` the server can name it in an error it causes."""
+    if not event_id:
+        return _COMMIT_FRAME
+    return encode_client_event(InputAudioBufferCommit(event_id=event_id))
 
 
 # -- server events ------------------------------------------------------------------------------
@@ -446,6 +450,11 @@ class TranscriptAssembler:
     def pending(self) -> int:
         """Items after the stable prefix: not yet committed, not yet completed, or out of order."""
         return len(self._order) - self._stable
+
+    @property
+    def incomplete(self) -> int:
+        """Items with no final transcript yet (committed or not)."""
+        return sum(self._items[i].final is None for i in self._order[self._stable :])
 
     def is_stable(self, item_id: str) -> bool:
         return item_id in self._items and self._order.index(item_id) < self._stable
