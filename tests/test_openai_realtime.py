@@ -11,6 +11,7 @@ transcript shows any lost, duplicated or reordered audio.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import logging
 import math
@@ -22,14 +23,17 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from audio_util import LIBRIVOX, pcm_of
 from fakes.openai_server import (
     FakeConnection,
     FakeOpenAIServer,
     Frame,
+    VadScript,
     chunk,
     open_fake_server,
     seqs_of,
     transcriber,
+    vad_transcriber,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,6 +41,8 @@ from hypothesis import strategies as st
 from gateway.config import OpenAIRealtimeConfig
 from gateway.engines.base import SessionOptions
 from gateway.engines.openai_realtime import (
+    ACK_GRACE,
+    FINISH_TIMEOUT,
     JITTER,
     STOP_TIMEOUT,
     AudioChunk,
@@ -46,7 +52,7 @@ from gateway.engines.openai_realtime import (
     RealtimeClient,
     open_realtime_client,
 )
-from gateway.errors import UpstreamError, UpstreamUnavailable
+from gateway.errors import Timeout, UpstreamError, UpstreamUnavailable
 from gateway.events import EngineUpdate
 from gateway.metrics import REGISTRY
 
@@ -1085,3 +1091,286 @@ async def test_engine_reports_queue_positions_past_max_sessions(
                 assert positions == [1]
                 assert engine.stats()["queued"] == 1
                 nursery.cancel_scope.cancel()
+
+
+# -- 12. acknowledgements of a commit around server VAD (issue 13, part 1) ---------------------
+
+STOPPED = "input_audio_buffer.speech_stopped"
+COMMITTED = "input_audio_buffer.committed"
+ERROR = "error"
+# Three utterances with 700 ms pauses (the VAD ends a turn after 500 ms of silence), then a
+# tail whose length decides what answers the final commit.
+UTTERANCES = [range(1, 6), range(6, 13), range(13, 21)]
+# order: (tail, the script, the answer to the final commit, the texts of the turns)
+ORDERS: dict[str, tuple[list[bytes], VadScript, list[str], list[str]]] = {
+    # The commit closes the speech run the VAD has open (200 ms of silence is shorter than
+    # it waits for): speech_stopped at the commit point, then committed, as in the issue.
+    "stop_before": ([chunk(0, 200)], VadScript(stop="before"), [STOPPED, COMMITTED], []),
+    # ... speech_stopped at the end of the speech instead (200 ms before the commit point).
+    "stop_before_at_speech_end": (
+        [chunk(0, 200)],
+        VadScript(stop="before", stop_end="speech"),
+        [STOPPED, COMMITTED],
+        [],
+    ),
+    "stop_after": ([chunk(0, 200)], VadScript(stop="after"), [COMMITTED, STOPPED], []),
+    "no_stop": ([chunk(0, 200)], VadScript(stop="none"), [COMMITTED], []),
+    # The VAD ends the last turn by itself first (speech_stopped, committed) and the commit
+    # finds 50 ms left: commit_empty.
+    "vad_then_empty": ([chunk(0, 550)], VadScript(), [ERROR], []),
+    # ... or 300 ms of silence left: committed for a new item with an empty transcript.
+    "vad_then_item": ([chunk(0, 800)], VadScript(), [COMMITTED], []),
+    "vad_then_item_at_speech_end": (
+        [chunk(0, 800)],
+        VadScript(vad_end="speech"),
+        [COMMITTED],
+        [],
+    ),
+    # ... or a short turn began after it, which the commit closes.
+    "vad_then_turn": (
+        [chunk(0, 520), chunk(21, 200), chunk(0, 100)],
+        VadScript(),
+        [STOPPED, COMMITTED],
+        ["s21"],
+    ),
+}
+
+
+def vad_audio(tail: list[bytes]) -> list[bytes]:
+    chunks: list[bytes] = []
+    for k, seqs in enumerate(UTTERANCES):
+        if k:
+            chunks.append(chunk(0, 700))
+        chunks += [chunk(n) for n in seqs]
+    return chunks + tail
+
+
+def expected_answer(order: str, ack: str) -> list[str]:
+    answer = ORDERS[order][2]
+    if ack == "missing":
+        return [t for t in answer if t == STOPPED]
+    if ack == "twice":
+        return [u for t in answer for u in [t] * (1 + (t != STOPPED))]
+    return answer
+
+
+async def run_vad_session(
+    order: str, *, ack: str = "once", interleave: bool = False, connection: str = "plain"
+) -> tuple[FakeOpenAIServer, EngineUpdate, float]:
+    """Stream the utterances to a server-VAD fake; returns the final and how long it took
+    from ``end()``. ``connection``: "plain", a "1011" close or "1006" abort of the first
+    connection mid-stream, or a "slow_updated" session.updated (8 s)."""
+    tail, script, _, _ = ORDERS[order]
+    script = dataclasses.replace(script, ack=ack, interleave=interleave)  # type: ignore[arg-type]
+
+    async def behave(conn: FakeConnection) -> None:
+        await conn.handshake(updated_delay=8 if connection == "slow_updated" else 0)
+        if conn.index > 0 or connection not in ("1011", "1006"):
+            await conn.serve_vad(script)
+            return
+        # Serve the first utterance and half of the second, then drop.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.serve_vad, script)
+            await conn.server.wait_for(lambda: conn.server.types_of(0).count(APPEND) >= 18)
+            await conn.close(int(connection))
+
+    with trio.fail_after(300):
+        async with open_fake_server(behave) as server:
+            config = make_config(server, turn_detection="server_vad")
+            async with client_for(server, config) as client:
+                for data in vad_audio(tail):
+                    await client.append(data)
+                client.end()
+                ended = trio.current_time()
+                final = await final_update(client)
+                elapsed = trio.current_time() - ended
+    assert len(server.connections) == (2 if connection in ("1011", "1006") else 1)
+    return server, final, elapsed
+
+
+# Virtual seconds between end() and the final that are not the engine's waiting: the backoff
+# (at most backoff_initial) of a reconnect, the session.updated delay.
+OVERHEAD = {"plain": 0.0, "1011": 0.5, "1006": 0.5, "slow_updated": 8.0}
+
+
+def assert_finished_at_once(order: str, connection: str, elapsed: float) -> None:
+    """At once, but for the one ambiguous answer (speech_stopped at the end of the speech
+    the commit cut short), which counts after ACK_GRACE without another."""
+    wait = ACK_GRACE if order == "stop_before_at_speech_end" else 0.0
+    assert wait <= elapsed <= OVERHEAD[connection] + wait + 0.01
+
+
+def assert_whole_transcript(final: EngineUpdate, order: str) -> None:
+    assert final.tentative == ()
+    expected = [seq_text(u) for u in UTTERANCES] + ORDERS[order][3]
+    assert [s.text for s in final.committed] == expected
+    starts = [s.start for s in final.committed]
+    assert starts == sorted(starts)
+
+
+@pytest.mark.parametrize("interleave", [False, True], ids=["apart", "interleaved"])
+@pytest.mark.parametrize("ack", ["once", "twice", "missing"])
+@pytest.mark.parametrize("order", list(ORDERS))
+async def test_12_final_commit_finishes_at_once_whatever_the_order_of_its_answer(
+    order: str, ack: str, interleave: bool
+) -> None:
+    server, final, elapsed = await run_vad_session(order, ack=ack, interleave=interleave)
+    assert server.connections[0].answers == [expected_answer(order, ack)]
+    assert_whole_transcript(final, order)
+    assert_finished_at_once(order, "plain", elapsed)
+
+
+@pytest.mark.parametrize("ack", ["once", "twice", "missing"])
+@pytest.mark.parametrize("connection", ["1011", "1006", "slow_updated"])
+@pytest.mark.parametrize("order", list(ORDERS))
+async def test_12_after_a_reconnect_or_a_slow_session_updated_too(
+    order: str, connection: str, ack: str
+) -> None:
+    server, final, elapsed = await run_vad_session(
+        order, ack=ack, interleave=True, connection=connection
+    )
+    assert server.connections[-1].answers == [expected_answer(order, ack)]
+    assert_whole_transcript(final, order)
+    assert_finished_at_once(order, connection, elapsed)
+
+
+@pytest.mark.parametrize(
+    "order", ["vad_then_empty", "vad_then_item", "vad_then_item_at_speech_end"]
+)
+async def test_12_an_ignored_final_commit_finishes_with_the_transcript(order: str) -> None:
+    """Every item completed, but the commit is never answered."""
+    server, final, elapsed = await run_vad_session(order, ack="ignored")
+    assert server.connections[0].answers == [[]]
+    assert_whole_transcript(final, order)
+    if order == "vad_then_item_at_speech_end":
+        # 800 ms after the speech are in no item: an answer could still add one, so it is
+        # awaited until the deadline; then the transcript is complete all the same.
+        assert elapsed == pytest.approx(FINISH_TIMEOUT)
+    elif order == "vad_then_item":
+        # The VAD's speech_stopped is 300 ms before the commit point: it may have been the
+        # answer (a commit that cut speech short), so another is awaited only ACK_GRACE.
+        assert elapsed == pytest.approx(ACK_GRACE)
+    else:  # 50 ms left: no answer could add an item, only the acknowledgement is missing
+        assert elapsed == 0
+    assert [f.code for f in server.frames_of(0) if f.kind == "close"] == [1000]
+
+
+async def test_12_an_item_still_incomplete_at_the_deadline_is_a_timeout() -> None:
+    async def behave(conn: FakeConnection) -> None:
+        await conn.handshake()
+        await conn.expect(APPEND)
+        await conn.expect(COMMIT)
+        await conn.committed("item_a", None)
+        await conn.delta("item_a", "never fini")
+        await trio.sleep_forever()
+
+    with trio.fail_after(300):
+        async with (
+            open_fake_server(behave) as server,
+            client_for(server, make_config(server), wait_ready=True) as client,
+        ):
+            await client.append(chunk(1, ms=500))
+            client.end()
+            ended = trio.current_time()
+            with pytest.raises(Timeout, match="1 items still incomplete"):
+                await final_update(client)
+            assert trio.current_time() - ended == pytest.approx(FINISH_TIMEOUT)
+    assert client.reconnects == 0
+
+
+@pytest.mark.parametrize("ack", ["commit_empty_named", "commit_empty_unnamed", "committed"])
+async def test_12_a_duplicated_answer_to_one_commit_does_not_answer_the_next(ack: str) -> None:
+    """Two commits (no VAD); the first is answered twice at once, the second 5 s later."""
+
+    async def behave(conn: FakeConnection) -> None:
+        await conn.handshake()
+        await conn.expect(APPEND)
+        first = await conn.expect(COMMIT)
+        await conn.expect(APPEND)
+        await conn.expect(COMMIT)
+        for _ in range(2):
+            if ack == "committed":
+                await conn.committed("item_a", None)
+            else:
+                await conn.commit_empty(first["event_id"] if ack == "commit_empty_named" else None)
+        if ack == "committed":
+            await conn.completed("item_a", "early")
+        await trio.sleep(5)
+        await conn.committed("item_b", "item_a" if ack == "committed" else None)
+        await conn.completed("item_b", "late")
+        await trio.sleep_forever()
+
+    with trio.fail_after(60):
+        async with (
+            open_fake_server(behave) as server,
+            client_for(server, make_config(server), wait_ready=True) as client,
+        ):
+            await client.append(chunk(1, ms=500))
+            client.commit()
+            await client.append(chunk(2, ms=500))
+            client.end()
+            final = await final_update(client)
+    commits = [f.data for f in server.events_of(0) if f.type == COMMIT]
+    assert len({c["event_id"] for c in commits}) == 2  # each commit is named
+    assert text_of(final) == ("early late" if ack == "committed" else "late")
+
+
+@pytest.mark.parametrize("ack", ["once", "ignored"])
+async def test_12_a_speech_stopped_read_before_the_commit_was_written_is_the_vads(
+    ack: str,
+) -> None:
+    """The VAD ends the last turn 300 ms before the end of the audio (speech_stopped at its
+    decision point: by offsets, the answer to a commit could look the same), the client reads
+    that speech_stopped, then writes the final commit, and only then does the VAD's committed
+    arrive: it cannot be the answer, so the commit's own is awaited, until the deadline if
+    it never comes."""
+    tail, script, _, _ = ORDERS["vad_then_item"]
+    script = dataclasses.replace(script, ack=ack, defer_vad_commit=True)  # type: ignore[arg-type]
+    with trio.fail_after(300):
+        async with open_fake_server(vad_transcriber(script)) as server:
+            config = make_config(server, turn_detection="server_vad")
+            async with client_for(server, config) as client:
+                for data in vad_audio(tail):
+                    await client.append(data)
+                await server.wait_for(
+                    lambda: [f.type for f in server.frames_of(0, "out")].count(STOPPED) == 3
+                )
+                await trio.testing.wait_all_tasks_blocked()
+                client.end()
+                ended = trio.current_time()
+                final = await final_update(client)
+    # The last turn's committed went out only after the final commit was read.
+    acks = [i for i, f in enumerate(server.frames) if f.direction == "out" and f.type == COMMITTED]
+    assert acks[2] > first_index(server, 0, lambda f: f.type == COMMIT)
+    assert server.connections[0].answers == [[COMMITTED] if ack == "once" else []]
+    assert_whole_transcript(final, "vad_then_item")
+    assert trio.current_time() - ended == (0 if ack == "once" else pytest.approx(FINISH_TIMEOUT))
+
+
+@pytest.mark.parametrize("anyio_backend", [("trio", {})], ids=["realclock"])
+async def test_12_real_recording_through_the_engine_finishes_with_every_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The issue's case: ps_librivox_concat.wav through the engine seam to a server-VAD fake
+    whose VAD hears four pauses and leaves the last turn open, so the final commit is
+    answered with speech_stopped then committed for that turn."""
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    pcm = pcm_of(LIBRIVOX)
+    script = VadScript(stop="before", level=1000, text="span")
+    with trio.fail_after(60):
+        async with open_fake_server(vad_transcriber(script), transport="tcp") as server:
+            config = make_config(server, turn_detection="server_vad")
+            engine = OpenAIRealtimeEngine("openai", config)
+            async with engine.open_session(SessionOptions()) as session:
+                for i in range(0, len(pcm), 3200):
+                    await session.send_audio(pcm[i : i + 3200])
+                await session.end_audio()
+                with trio.fail_after(10):  # far less than FINISH_TIMEOUT
+                    updates = [u async for u in session.results()]
+    assert server.connections[0].answers == [[STOPPED, COMMITTED]]
+    final = updates[-1]
+    assert final.tentative == ()
+    assert len(final.committed) == 5
+    assert all(s.text.startswith("speech ") for s in final.committed)
+    ends = [s.end for s in final.committed]
+    assert ends == sorted(ends) and ends[-1] == pytest.approx(len(pcm) / 32000, abs=0.05)

@@ -43,6 +43,22 @@ Reconnect
     still exhausts ``max_attempts`` (TEN reset on TCP connect and retried forever). HTTP
     401/403, closes 4000 (beta shape) and 1008 (policy) and any other close code are terminal.
 
+Acknowledgements and finishing
+    Each commit carries an ``event_id`` and is answered once, in order, by ``committed`` or by
+    ``input_audio_buffer_commit_empty`` (which names it). With server VAD the server also
+    commits turns by itself, and a commit that closes a speech run still open may come with
+    ``speech_stopped`` before or after its ``committed``, or none; answers can be duplicated
+    or missing and interleave with transcripts of earlier items. So a ``committed`` answers
+    our oldest commit unless its ``speech_stopped`` came before we wrote the commit, or lies
+    more than ``silence_duration_ms`` before the commit point (where the VAD could have ended
+    the turn by itself); in between it may be either, and it counts as the answer if no other
+    comes within ``ACK_GRACE``. Duplicates answer nothing, and a transcript of an item never
+    acknowledged implies its ``committed``. After the final commit the session finishes as
+    soon as every item is complete and no answer still outstanding could add an item (less
+    than 100 ms of audio is in no item). ``FINISH_TIMEOUT`` after the final commit, decided on
+    the live connection: with every item complete it finishes with the transcript, whatever
+    acknowledgement is missing; otherwise it fails with ``Timeout``.
+
 Errors
     After ready, an ``error`` event (except commit_empty) or a failed item ends the session with
     ``UpstreamError``; the failed item first resolves to an empty final. Unknown event types
@@ -99,11 +115,12 @@ from ._openai_protocol import (
     SESSION_EXPIRED,
     Committed,
     ErrorEvent,
-    ErrorInfo,
     SessionCreated,
     SessionUpdated,
     SpeechStopped,
     TranscriptAssembler,
+    TranscriptionCompleted,
+    TranscriptionDelta,
     TranscriptionFailed,
     apply_event,
     build_session_update,
@@ -145,6 +162,10 @@ CLOSE_TIMEOUT: Final = 2.0
 # Once the final commit is out: how long the upstream gets to complete the outstanding items
 # (restarted after a reconnect; reaching the connection is bounded by the retry settings).
 FINISH_TIMEOUT: Final = 60.0
+# How long a commit whose answer is ambiguous (see _answers_commit) waits for another answer
+# before the ambiguous one counts. The server was then at most silence_duration_ms of audio
+# short of our commit, so an answer of its own would follow within a round trip.
+ACK_GRACE: Final = 2.0
 # At most one "pre-ready buffer full" warning per engine per this many seconds.
 DROP_WARNING_INTERVAL: Final = 10.0
 # Backoff jitter: each delay is the exponential base times a factor drawn from this range.
@@ -220,6 +241,14 @@ class CommitMark:
 
 
 LaneEntry = AudioChunk | CommitMark
+
+
+@dataclass(frozen=True, slots=True)
+class _SentCommit:
+    # Session offset of the audio it commits up to; its client event_id; its number.
+    offset: int
+    event_id: str
+    seq: int
 
 
 class DataLane:
@@ -367,12 +396,27 @@ class _Connection:
     ledger_bytes: int = 0
     # (session offset, stream offset) at each discontinuity, to map upstream times to ours.
     spans: list[tuple[int, int]] = field(default_factory=list)
-    # Session offsets of commits sent and not yet acknowledged.
-    pending_commits: deque[int] = field(default_factory=deque)
-    # Item id -> session offset where its audio ends; items that had speech_stopped.
+    # Commits written and not yet answered, oldest first; how many commits were written.
+    pending_commits: deque[_SentCommit] = field(default_factory=deque)
+    commits: int = 0
+    # Item id -> session offset where its audio ends (speech_stopped, then its commit).
     item_end: dict[str, int] = field(default_factory=dict)
-    stopped: set[str] = field(default_factory=set)
+    # Item id -> ``commits`` when its speech_stopped arrived (before its committed).
+    stop_seen: dict[str, int] = field(default_factory=dict)
+    # Items this upstream session committed (acknowledged, or implied by a transcription).
+    committed: set[str] = field(default_factory=set)
+    # Server event ids of commit_empty errors that named no commit (to skip duplicates).
+    empty_errors: set[str] = field(default_factory=set)
+    # Session offset up to which the audio is known to be in committed items.
+    covered: int = 0
     last_commit_end: int = 0
+    # A committed that may have answered our oldest commit (its seq, the item), and until
+    # when another answer is awaited before it counts as the answer.
+    maybe_answer: tuple[int, str] | None = None
+    grace_until: float = math.inf
+    # FINISH_TIMEOUT after the final commit was written to this connection.
+    finish_at: float = math.inf
+    timers: _Signal = field(default_factory=_Signal)
 
     def end(self, outcome: _Outcome) -> None:
         if self.outcome is None:
@@ -475,6 +519,8 @@ class RealtimeClient:
         self._headers = [(b"Authorization", b"Bearer " + api_key.encode())]
         self._update_frame = encode_client_event(build_session_update(config, language=language))
         self._manual = config.turn_detection == "none"
+        # Silence the server VAD waits for before it ends a turn by itself.
+        self._silence_bytes = config.vad_silence_duration_ms * BYTES_PER_MS
         self._connect = connect or _connect_websocket
         self._label = engine
         self._rng = rng or random.Random()
@@ -502,7 +548,6 @@ class RealtimeClient:
         self._final_published = False
 
         self._run_scope = trio.CancelScope(shield=True)
-        self._finish_scope = trio.CancelScope()
         self._close_scope: trio.CancelScope | None = None
         self._first_ready = trio.Event()
         self._stop_event = trio.Event()
@@ -638,10 +683,7 @@ class RealtimeClient:
         try:
             with self._run_scope:
                 with trio.move_on_after(self._cfg.session_timeout) as session_scope:
-                    with self._finish_scope:
-                        await self._run_connections()
-                    if self._finish_scope.cancelled_caught:
-                        self._finish_timed_out()
+                    await self._run_connections()
                 if session_scope.cancelled_caught:
                     self._fail(Timeout(f"session exceeded {self._cfg.session_timeout:g} s"))
             if not (self._finished or self._closing or self._error is not None):
@@ -654,21 +696,43 @@ class RealtimeClient:
             self._changed.fire()
             self._space.fire()
 
-    def _finish_timed_out(self) -> None:
+    def _finish_timed_out(self, conn: _Connection) -> None:
+        """FINISH_TIMEOUT after the final commit went out on ``conn``, which is still up.
+
+        Decided here, on the live connection: once it is lost, its audio is queued for
+        replay and its incomplete items are gone, and nothing could tell a missing
+        acknowledgement from a missing transcript any more.
+        """
         if self._finished or self._closing or self._error is not None:
             return
-        self._assembler.drop_uncommitted()
-        if self._assembler.pending or len(self._lane) or not self._final_out:
-            self._fail(
-                Timeout(
-                    f"{self._assembler.pending} items still incomplete {FINISH_TIMEOUT:g} s "
-                    "after the end of the audio"
-                )
+        if self._assembler.drop_uncommitted():
+            self._publish()
+        incomplete = self._assembler.incomplete
+        if incomplete:
+            self._end(
+                conn,
+                _Fail(
+                    Timeout(
+                        f"{incomplete} items still incomplete {FINISH_TIMEOUT:g} s "
+                        "after the end of the audio"
+                    )
+                ),
             )
-        else:
-            # Only an acknowledgement was missing; every item is complete.
-            self._finished = True
-            self._publish(final=True)
+            return
+        # Every item is complete; only acknowledgements never came.
+        log.warning(
+            "%s: %d commits unanswered %g s after the end of the audio; "
+            "finishing with the transcript",
+            self._label,
+            len(conn.pending_commits),
+            FINISH_TIMEOUT,
+        )
+        self._finish()
+
+    def _finish(self) -> None:
+        self._finished = True
+        self._publish(final=True)
+        self._wakeup.fire()
 
     async def aclose(self) -> None:
         """Stop: clear all state now, close with 1000 within ``STOP_TIMEOUT``. Idempotent."""
@@ -771,7 +835,13 @@ class RealtimeClient:
                 try:
                     async with trio.open_nursery() as nursery:
                         conn.scope = nursery.cancel_scope
-                        for task in (self._receiver, self._sender, self._heartbeat, self._watchdog):
+                        for task in (
+                            self._receiver,
+                            self._sender,
+                            self._heartbeat,
+                            self._watchdog,
+                            self._finish_watch,
+                        ):
                             nursery.start_soon(self._guard, task, conn)
                 finally:
                     await self._close_socket(conn)
@@ -854,7 +924,6 @@ class RealtimeClient:
             ):
                 self._lane.push_commit(CommitMark(final=True), coalesce=False)
             self._final_out = False
-            self._finish_scope.deadline = math.inf
             self._publish()
         conn.ledger.clear()
         conn.ledger_bytes = 0
@@ -868,6 +937,19 @@ class RealtimeClient:
             await conn.ready_event.wait()
             return
         self._end(conn, _Retry(f"no session.updated within {self._cfg.connect_timeout:g} s", 1000))
+
+    async def _finish_watch(self, conn: _Connection) -> None:
+        """Runs the connection's two timers: the ack grace and the finish deadline."""
+        while True:
+            with trio.move_on_at(min(conn.grace_until, conn.finish_at)):
+                await conn.timers.wait()
+                continue
+            now = trio.current_time()
+            if now >= conn.grace_until:
+                self._grace_expired(conn)
+            if now >= conn.finish_at:
+                self._finish_timed_out(conn)
+                return
 
     async def _heartbeat(self, conn: _Connection) -> None:
         while True:
@@ -940,14 +1022,17 @@ class RealtimeClient:
             if entry.final:
                 # The clock for the upstream to finish starts now, on a ready connection.
                 self._final_out = True
-                self._finish_scope.deadline = trio.current_time() + FINISH_TIMEOUT
+                conn.finish_at = trio.current_time() + FINISH_TIMEOUT
+                conn.timers.fire()
             if conn.uncommitted < MIN_COMMIT_BYTES:
                 # Less than 100 ms would be rejected with commit_empty: nothing to commit.
                 continue
             conn.ledger.append((conn.sent, entry))
-            conn.pending_commits.append(conn.sent)
+            sent = _SentCommit(conn.sent, f"commit_{conn.index}_{conn.commits}", conn.commits)
+            conn.pending_commits.append(sent)
+            conn.commits += 1
             conn.uncommitted = 0
-            return encode_commit()
+            return encode_commit(sent.event_id)
         return None
 
     # -- server events ------------------------------------------------------------------------
@@ -981,11 +1066,12 @@ class RealtimeClient:
                 if not conn.ready:
                     self._on_session_ready(conn)
                 return
-            case ErrorEvent(error=info):
-                self._on_error(conn, info)
+            case ErrorEvent():
+                self._on_error(conn, event)
             case Committed():
                 self._on_committed(conn, event)
             case TranscriptionFailed(item_id=item_id, error=info):
+                self._imply_commit(conn, item_id)
                 apply_event(self._assembler, event)
                 self._publish()
                 self._end(
@@ -999,8 +1085,12 @@ class RealtimeClient:
                 )
                 return
             case SpeechStopped(item_id=item_id, audio_end_ms=ms):
-                conn.item_end[item_id] = ms * BYTES_PER_MS
-                conn.stopped.add(item_id)
+                if item_id not in conn.committed:
+                    conn.item_end[item_id] = ms * BYTES_PER_MS
+                    conn.stop_seen[item_id] = conn.commits
+                apply_event(self._assembler, event, seconds=conn.ms_to_seconds)
+            case TranscriptionDelta(item_id=item_id) | TranscriptionCompleted(item_id=item_id):
+                self._imply_commit(conn, item_id)
                 apply_event(self._assembler, event, seconds=conn.ms_to_seconds)
             case _:
                 apply_event(self._assembler, event, seconds=conn.ms_to_seconds)
@@ -1021,11 +1111,10 @@ class RealtimeClient:
         self._wakeup.fire()
         self._space.fire()
 
-    def _on_error(self, conn: _Connection, info: ErrorInfo) -> None:
+    def _on_error(self, conn: _Connection, event: ErrorEvent) -> None:
+        info = event.error
         if info.code == COMMIT_EMPTY:
-            # Benign: server VAD had already committed that audio. It answers our oldest commit.
-            if conn.pending_commits:
-                conn.pending_commits.popleft()
+            self._on_commit_empty(conn, event)
             return
         if info.code == SESSION_EXPIRED:
             self._end(conn, _Retry("upstream session expired", 1000))
@@ -1039,16 +1128,95 @@ class RealtimeClient:
             return
         self._end(conn, _Fail(UpstreamError(f"upstream error: {detail}")))
 
-    def _on_committed(self, conn: _Connection, event: Committed) -> None:
-        # Whose commit is it? With server VAD the server commits on its own after
-        # speech_stopped; anything else answers our oldest outstanding commit.
-        ours = bool(conn.pending_commits) and (self._manual or event.item_id not in conn.stopped)
-        if ours:
-            end = conn.pending_commits.popleft()
+    # -- acknowledgements ---------------------------------------------------------------------
+    # Each commit we write is answered once, in order: by ``committed`` for the item it
+    # closes or creates, or by commit_empty. With server VAD the server also commits on its
+    # own (speech_stopped, then committed), and a commit that closes a speech run the VAD has
+    # open may come with speech_stopped before or after its committed, or none; answers may
+    # be duplicated or missing, and they interleave with transcripts of earlier items. The
+    # rules below take no order for granted; see _answers_commit.
+
+    def _on_commit_empty(self, conn: _Connection, event: ErrorEvent) -> None:
+        """Benign: the buffer held under 100 ms (server VAD had committed the rest)."""
+        named = event.error.event_id
+        if named:
+            # It names the commit it answers; one no longer pending was answered already.
+            seqs = [c.seq for c in conn.pending_commits if c.event_id == named]
+            if not seqs:
+                return
+            answered = seqs[0]
         else:
-            end = conn.item_end.get(event.item_id, conn.sent)
-            conn.uncommitted = max(0, conn.sent - end)
-        conn.item_end[event.item_id] = end
+            if event.event_id and event.event_id in conn.empty_errors:
+                return
+            if event.event_id:
+                conn.empty_errors.add(event.event_id)
+            if not conn.pending_commits:
+                return
+            answered = conn.pending_commits[0].seq
+        # Answers come in order: older commits still pending will never be answered.
+        commit = conn.pending_commits.popleft()
+        while commit.seq < answered:
+            commit = conn.pending_commits.popleft()
+        conn.covered = max(conn.covered, commit.offset)
+        conn.uncommitted = min(conn.uncommitted, conn.sent - commit.offset)
+
+    def _imply_commit(self, conn: _Connection, item_id: str) -> None:
+        """A transcription only ever runs on committed audio: a transcript of an item this
+        session never acknowledged means its ``committed`` is missing; act as if it came."""
+        if item_id not in conn.committed:
+            self._on_committed(conn, Committed(item_id=item_id))
+
+    def _answers_commit(self, conn: _Connection, item_id: str, commit: _SentCommit) -> bool | None:
+        """Is ``committed`` for ``item_id`` the answer to our oldest pending ``commit``, rather
+        than the server VAD ending a turn by itself? ``None``: it cannot be told yet.
+
+        A VAD turn is committed only after its speech_stopped, whose audio_end_ms is where
+        the VAD decided (OpenAI: the end of the speech plus silence_duration_ms) or, on some
+        servers, where the speech ended. A commit that closes an open speech run is answered
+        with a speech_stopped at the commit point, or at the end of the speech, so within
+        silence_duration_ms of it (the VAD had not heard that much silence yet).
+        """
+        if self._manual:
+            return True
+        stop_seen = conn.stop_seen.get(item_id)
+        if stop_seen is None:
+            # A VAD turn would have had its speech_stopped first: none came (yet).
+            return True
+        if stop_seen <= commit.seq:
+            # speech_stopped arrived before we wrote the commit: the VAD ended that turn.
+            return False
+        if conn.item_end[item_id] + self._silence_bytes > commit.offset:
+            # The VAD's decision point (then the answer to our commit is still to come), or
+            # the commit point or the end of the speech our commit cut short (then nothing
+            # more will come). At the commit point, _maybe_finish need not wait: no answer
+            # can add an item with under 100 ms left.
+            return None
+        return False
+
+    def _on_committed(self, conn: _Connection, event: Committed) -> None:
+        item_id = event.item_id
+        if item_id in conn.committed:
+            # A duplicate (or the ack after a transcript implied it): it may refine the
+            # order of items, but it answers nothing.
+            apply_event(self._assembler, event, seconds=conn.ms_to_seconds)
+            return
+        conn.committed.add(item_id)
+        oldest = conn.pending_commits[0] if conn.pending_commits else None
+        answers = oldest is not None and self._answers_commit(conn, item_id, oldest)
+        if oldest is not None and answers:
+            conn.pending_commits.popleft()
+            end = oldest.offset
+            conn.covered = max(conn.covered, end)
+        else:
+            # The VAD's own turn, committed up to its speech_stopped (or all we sent).
+            end = conn.item_end.get(item_id, conn.sent)
+            conn.covered = max(conn.covered, min(end, conn.sent))
+            conn.uncommitted = min(conn.uncommitted, max(0, conn.sent - end))
+            if oldest is not None and answers is None:
+                conn.maybe_answer = (oldest.seq, item_id)
+                conn.grace_until = trio.current_time() + ACK_GRACE
+                conn.timers.fire()
+        conn.item_end[item_id] = end
         start, conn.last_commit_end = conn.last_commit_end, end
         apply_event(
             self._assembler,
@@ -1057,6 +1225,21 @@ class RealtimeClient:
             commit_start=conn.seconds(start),
             commit_end=conn.seconds(end),
         )
+
+    def _grace_expired(self, conn: _Connection) -> None:
+        """No other answer came: the ambiguous committed was the answer to our commit."""
+        conn.grace_until = math.inf
+        maybe, conn.maybe_answer = conn.maybe_answer, None
+        if maybe is None or not conn.pending_commits:
+            return
+        seq, item_id = maybe
+        commit = conn.pending_commits[0]
+        if commit.seq != seq:
+            return
+        conn.pending_commits.popleft()
+        conn.covered = max(conn.covered, commit.offset)
+        conn.item_end[item_id] = max(conn.item_end[item_id], commit.offset)
+        self._maybe_finish()
 
     def _maybe_finish(self) -> None:
         conn = self._conn
@@ -1067,19 +1250,22 @@ class RealtimeClient:
             or conn is None
             or not conn.ready
             or not self._final_out
-            or conn.pending_commits
             or len(self._lane)
         ):
             return
-        # Our last commit is answered: speech the server saw start but never got committed
-        # (cut by the end of the audio, under 100 ms) will never complete.
-        if self._assembler.drop_uncommitted():
+        if conn.pending_commits:
+            # An answer is outstanding. If less than 100 ms of audio is in no committed
+            # item, no answer can add an item (the server rejects so short a commit): only
+            # the acknowledgement is missing, and the transcript does not wait for it.
+            if conn.sent - conn.covered >= MIN_COMMIT_BYTES:
+                return
+        elif self._assembler.drop_uncommitted():
+            # Our last commit is answered: speech the server saw start but never committed
+            # (cut by the end of the audio, under 100 ms) will never complete.
             self._publish()
-        if self._assembler.pending:
+        if self._assembler.incomplete:
             return
-        self._finished = True
-        self._publish(final=True)
-        self._wakeup.fire()
+        self._finish()
 
 
 def _rejected(exc: ConnectionRejected) -> _Outcome:

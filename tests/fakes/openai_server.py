@@ -44,10 +44,12 @@ __all__ = [
     "FakeOpenAIServer",
     "Frame",
     "Handshake",
+    "VadScript",
     "chunk",
     "open_fake_server",
     "seqs_of",
     "transcriber",
+    "vad_transcriber",
 ]
 
 Behaviour = Callable[["FakeConnection"], Awaitable[None]]
@@ -239,6 +241,10 @@ class FakeConnection:
         self.closed = False
         self._items = 0
         self.last_item: str | None = None
+        # The ``session`` of the client's session.update, once the handshake has read it.
+        self.session: dict[str, Any] = {}
+        # serve_vad: the types of the events that answered each client commit, in order.
+        self.answers: list[list[str]] = []
 
     # -- sending ----------------------------------------------------------------------------
     async def send(self, event: dict[str, Any]) -> None:
@@ -274,19 +280,16 @@ class FakeConnection:
             }
         )
 
+    async def commit_empty(self, commit_event_id: str | None) -> None:
+        """The answer to a commit of under 100 ms, naming the commit (or not: ``None``)."""
+        await self.send(_commit_empty(commit_event_id))
+
     def new_item(self) -> str:
         self._items += 1
         return f"item_{self.index}_{self._items}"
 
     async def committed(self, item_id: str, previous: str | None) -> None:
-        await self.send(
-            {
-                "type": "input_audio_buffer.committed",
-                "event_id": f"ev_{item_id}_c",
-                "item_id": item_id,
-                "previous_item_id": previous,
-            }
-        )
+        await self.send(_committed(item_id, previous))
 
     async def delta(self, item_id: str, text: str) -> None:
         await self.send(
@@ -310,6 +313,19 @@ class FakeConnection:
                 "usage": {"type": "duration", "seconds": 1},
             }
         )
+
+    async def speech_started(self, item_id: str, ms: int) -> None:
+        await self.send(
+            {
+                "type": "input_audio_buffer.speech_started",
+                "event_id": f"ev_{item_id}_start",
+                "item_id": item_id,
+                "audio_start_ms": ms,
+            }
+        )
+
+    async def speech_stopped(self, item_id: str, ms: int) -> None:
+        await self.send(_stopped(item_id, ms))
 
     async def failed(self, item_id: str) -> None:
         await self.send(
@@ -350,7 +366,7 @@ class FakeConnection:
         if created_delay:
             await trio.sleep(created_delay)
         await self.created()
-        await self.expect("session.update")
+        self.session = (await self.expect("session.update"))["session"]
         if updated_delay:
             await trio.sleep(updated_delay)
         await self.updated()
@@ -386,6 +402,10 @@ class FakeConnection:
                 await self.completed(item, text)
                 seqs, nbytes = [], 0
 
+    async def serve_vad(self, script: VadScript | None = None) -> None:
+        """Serve like OpenAI with server VAD, answering client commits as ``script`` says."""
+        await _VadSession(self, script or VadScript()).run()
+
     # -- ending -----------------------------------------------------------------------------
     async def close(self, code: int, reason: str = "") -> None:
         """Close with ``code``; 1006 means no close frame at all: the transport is cut."""
@@ -415,6 +435,233 @@ def transcriber(
     async def behave(conn: FakeConnection) -> None:
         await conn.handshake(created_delay=created_delay, updated_delay=updated_delay)
         await conn.serve_transcripts(read_delay=read_delay)
+
+    return behave
+
+
+@dataclass(frozen=True)
+class VadScript:
+    """How the server-VAD fake orders its answer to a client ``input_audio_buffer.commit``.
+
+    From the GA protocol (reference §1.2-1.3): with ``server_vad`` the server starts an item
+    at ``speech_started``, and once ``silence_duration_ms`` of silence follow the speech it
+    sends ``speech_stopped`` then ``committed`` on its own (the buffer is committed up to
+    that decision point; OpenAI's API reference says its ``audio_end_ms`` "includes the
+    min_silence_duration_ms", others report the end of the speech). A client commit commits what is left in the buffer: under
+    100 ms it is answered by an ``error`` ``input_audio_buffer_commit_empty`` (naming the
+    commit's ``event_id`` in ``error.event_id``); otherwise by ``committed`` for a new item,
+    or, when the commit closes a speech run still open, for that run's item, with or without
+    a ``speech_stopped`` before or after it. Which of those a server does is what varies.
+
+    A millisecond of audio is speech when a sample in it reaches ``level``; test audio from
+    :func:`chunk` is speech for every sequence number >= 1 and silence for 0.
+    """
+
+    # The audio_end_ms of the VAD's own speech_stopped: its "decision" point (OpenAI) or the
+    # end of the "speech".
+    vad_end: Literal["decision", "speech"] = "decision"
+    # When a client commit closes an open speech run: speech_stopped "before" the
+    # committed ack, "after" it, or "none" at all.
+    stop: Literal["before", "after", "none"] = "before"
+    # The audio_end_ms of that speech_stopped: the end of the "buffer" (the commit point) or
+    # the end of the last "speech" millisecond.
+    stop_end: Literal["buffer", "speech"] = "buffer"
+    # The ack of a client commit (committed or commit_empty): sent "once", "twice" (the same
+    # event again), "missing" (not sent; the item is still transcribed), or the whole commit
+    # "ignored" (no ack, no item, no transcription).
+    ack: Literal["once", "twice", "missing", "ignored"] = "once"
+    # Hold the transcripts of VAD-committed items and interleave them with the answer to the
+    # next client commit: their deltas before its first event, completions after it.
+    interleave: bool = False
+    # commit_empty names the commit in error.event_id (True) or leaves it null.
+    echo_event_id: bool = True
+    level: int = 1
+    # Send the VAD's own committed (and transcript) not with its speech_stopped but only
+    # when the next client event is read.
+    defer_vad_commit: bool = False
+    # Item transcripts: the sequence numbers heard ("s1 s2"), or the speech span in ms.
+    text: Literal["seqs", "span"] = "seqs"
+
+
+class _VadSession:
+    """One upstream session's input buffer and VAD, as :class:`VadScript` describes."""
+
+    def __init__(self, conn: FakeConnection, script: VadScript) -> None:
+        self.conn = conn
+        self.script = script
+        vad = conn.session.get("audio", {}).get("input", {}).get("turn_detection") or {}
+        self.silence_ms: int | None = vad.get("silence_duration_ms")
+        self.padding_ms: int = vad.get("prefix_padding_ms", 0)
+        self.total = 0  # bytes written to this session
+        self.pos = 0  # whole milliseconds of them processed by the VAD
+        self.partial = b""  # bytes of the next millisecond
+        self.buffer_start = 0  # bytes; where the uncommitted buffer begins
+        self.heard: list[int] = []  # sequence numbers (or speech ms) in the buffer
+        self.open_item: str | None = None  # the open speech run's item
+        self.speech_end = 0  # ms
+        self.quiet = 0  # ms of silence since the last speech
+        self.held: list[tuple[str, str]] = []
+        self.deferred: list[tuple[str, str | None, str]] = []
+
+    async def run(self) -> None:
+        while (event := await self.conn.receive()) is not None:
+            deferred, self.deferred = self.deferred, []
+            for item, previous, text in deferred:
+                await self.finish_turn(item, previous, text)
+            kind = event.get("type")
+            if kind == "input_audio_buffer.append":
+                await self.audio(base64.b64decode(event["audio"]))
+            elif kind == "input_audio_buffer.commit":
+                await self.commit(event.get("event_id"))
+
+    def _text(self) -> str:
+        if self.script.text == "span":
+            return f"speech {self.heard[0]}-{self.heard[-1] + 1}" if self.heard else ""
+        return " ".join(f"s{n}" for n in self.heard)
+
+    async def audio(self, data: bytes) -> None:
+        self.total += len(data)
+        data = self.partial + data
+        whole = len(data) - len(data) % BYTES_PER_MS
+        self.partial = data[whole:]
+        for i in range(0, whole, BYTES_PER_MS):
+            samples = struct.unpack(f"<{BYTES_PER_MS // 2}h", data[i : i + BYTES_PER_MS])
+            if max(map(abs, samples)) >= self.script.level:
+                await self.speech(data[i : i + BYTES_PER_MS])
+            elif self.open_item is not None:
+                self.quiet += 1
+                if self.silence_ms is not None and self.quiet >= self.silence_ms:
+                    await self.vad_commit()
+            self.pos += 1
+
+    async def speech(self, ms: bytes) -> None:
+        if self.open_item is None:
+            self.open_item = self.conn.new_item()
+            start = max(self.buffer_start // BYTES_PER_MS, self.pos - self.padding_ms)
+            await self.conn.speech_started(self.open_item, start)
+        if self.script.text == "span":
+            self.heard.append(self.pos)
+        else:
+            for n in seqs_of(ms):
+                if not self.heard or self.heard[-1] != n:
+                    self.heard.append(n)
+        self.speech_end = self.pos + 1
+        self.quiet = 0
+
+    async def vad_commit(self) -> None:
+        """The VAD's own turn end: speech_stopped, committed, transcription (always in order)."""
+        assert self.open_item is not None
+        item, text = self.open_item, self._text()
+        end = self.pos + 1 if self.script.vad_end == "decision" else self.speech_end
+        await self.conn.speech_stopped(item, end)
+        previous = self.conn.last_item
+        self._reset(item, (self.pos + 1) * BYTES_PER_MS)
+        if self.script.defer_vad_commit:
+            self.deferred.append((item, previous, text))
+        else:
+            await self.finish_turn(item, previous, text)
+
+    async def finish_turn(self, item: str, previous: str | None, text: str) -> None:
+        await self.conn.committed(item, previous)
+        if self.script.interleave:
+            self.held.append((item, text))
+        else:
+            await self.transcribe(item, text)
+
+    def _reset(self, item: str, upto: int) -> None:
+        self.conn.last_item = item
+        self.buffer_start = upto
+        self.heard = []
+        self.open_item = None
+        self.quiet = 0
+
+    async def transcribe(self, item: str, text: str) -> None:
+        await self.conn.delta(item, text[: len(text) // 2])
+        await self.conn.completed(item, text)
+
+    async def commit(self, event_id: str | None) -> None:
+        script = self.script
+        held, self.held = self.held, []
+        answer: list[dict[str, Any]] = []
+        item: str | None = None
+        if script.ack == "ignored":
+            pass
+        elif self.total - self.buffer_start < MIN_COMMIT_BYTES:
+            if script.ack != "missing":
+                answer.append(_commit_empty(event_id if script.echo_event_id else None))
+        else:
+            item, text = self.open_item or self.conn.new_item(), self._text()
+            end = self.pos if script.stop_end == "buffer" else self.speech_end
+            stop = self.open_item is not None and script.stop != "none"
+            if stop and script.stop == "before":
+                answer.append(_stopped(item, end))
+            if script.ack != "missing":
+                answer.append(_committed(item, self.conn.last_item))
+            if stop and script.stop == "after":
+                answer.append(_stopped(item, end))
+            self._reset(item, self.total)
+        if script.ack == "twice":
+            answer = [e for event in answer for e in [event] * (1 + _is_ack(event))]
+        self.conn.answers.append([e["type"] for e in answer])
+        for held_item, held_text in held:
+            await self.conn.delta(held_item, held_text[: len(held_text) // 2])
+        for n, event in enumerate(answer):
+            await self.conn.send(event)
+            if n == 0:
+                for held_item, held_text in held:
+                    await self.conn.completed(held_item, held_text)
+        if not answer:
+            for held_item, held_text in held:
+                await self.conn.completed(held_item, held_text)
+        if item is not None:
+            await self.transcribe(item, text)
+
+
+def _is_ack(event: dict[str, Any]) -> bool:
+    return event["type"] in ("input_audio_buffer.committed", "error")
+
+
+def _commit_empty(event_id: str | None) -> dict[str, Any]:
+    return {
+        "type": "error",
+        "event_id": f"ev_err_{event_id}",
+        "error": {
+            "type": "invalid_request_error",
+            "code": "input_audio_buffer_commit_empty",
+            "message": "Error committing input audio buffer: buffer too small. Expected at "
+            "least 100ms of audio.",
+            "param": None,
+            "event_id": event_id,
+        },
+    }
+
+
+def _stopped(item_id: str, ms: int) -> dict[str, Any]:
+    return {
+        "type": "input_audio_buffer.speech_stopped",
+        "event_id": f"ev_{item_id}_stop",
+        "item_id": item_id,
+        "audio_end_ms": ms,
+    }
+
+
+def _committed(item_id: str, previous: str | None) -> dict[str, Any]:
+    return {
+        "type": "input_audio_buffer.committed",
+        "event_id": f"ev_{item_id}_c",
+        "item_id": item_id,
+        "previous_item_id": previous,
+    }
+
+
+def vad_transcriber(
+    script: VadScript | None = None, *, created_delay: float = 0.0, updated_delay: float = 0.0
+) -> Behaviour:
+    """OpenAI with server VAD (the session.update's turn_detection), answering as ``script``."""
+
+    async def behave(conn: FakeConnection) -> None:
+        await conn.handshake(created_delay=created_delay, updated_delay=updated_delay)
+        await conn.serve_vad(script)
 
     return behave
 
