@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
+import re
 import tempfile
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -293,31 +295,61 @@ async def receive_upload(
 # (5 MB) makes it read and parse a whole short PCM WAV: ~3.5 ms per open instead of ~0.4 ms. A
 # file that needs more (no audio stream or no sample rate found) is opened again with the default.
 FAST_PROBE_BYTES = 4096
+# Packets the codec rejects in a row before the rest of the file is taken for garbage.
+MAX_BAD_PACKETS_IN_A_ROW = 64
+# Chained Ogg links opened on their own (see PcmDecoder._next_link) before the rest is given up.
+MAX_LINKS = 1000
+_OGG_CAPTURE = b"OggS"
 
 
-def _open_container(path: str) -> Any:
+def _open_container(path: str, offset: int = 0) -> Any:
+    """Open ``path`` for its first audio stream, starting ``offset`` bytes into the file."""
+    skip = {"skip_initial_bytes": str(offset)} if offset else {}
     try:
         container = av.open(
             path,
             mode="r",
             metadata_errors="ignore",
-            container_options={"probesize": str(FAST_PROBE_BYTES)},
+            container_options={"probesize": str(FAST_PROBE_BYTES), **skip},
         )
     except (av.FFmpegError, UnicodeDecodeError, ValueError):
         container = None
     if container is not None:
         audio = container.streams.audio
-        if audio and audio[0].codec_context.sample_rate:
+        if audio and _has_decoder(audio[0]) and audio[0].codec_context.sample_rate:
             return container
         container.close()
     try:
-        container = av.open(path, mode="r", metadata_errors="ignore")
+        container = av.open(path, mode="r", metadata_errors="ignore", container_options=skip)
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise DecodeError(f"not a readable audio file ({_reason(exc)})") from exc
-    if not container.streams.audio:
+    audio = container.streams.audio
+    if not audio:
         container.close()
         raise DecodeError("the file has no audio stream")
+    if not _has_decoder(audio[0]):
+        container.close()
+        raise DecodeError("no decoder for the file's audio codec")
     return container
+
+
+def _has_decoder(stream: Any) -> bool:
+    # No codec context: FFmpeg reads the container but has no decoder for the codec (say, a WAV
+    # format tag it does not know, or float samples of 16 bits).
+    return stream.codec_context is not None
+
+
+def _next_ogg_link(path: str, start: int) -> int | None:
+    """The offset of the first Ogg page at or after ``start`` that begins a logical stream."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        i = m.find(_OGG_CAPTURE, start)
+        while i != -1:
+            # A page header: "OggS", version 0, then the header type, where 0x02 marks the first
+            # page of a logical stream (a link of a chain starts with one).
+            if i + 5 < len(m) and m[i + 4] == 0 and m[i + 5] & 0x02:
+                return i
+            i = m.find(_OGG_CAPTURE, i + 1)
+    return None
 
 
 class PcmDecoder:
@@ -327,6 +359,12 @@ class PcmDecoder:
     is needed: it is released at the end of the audio, and :meth:`suspend` releases it early (a
     job waiting in an engine's queue); the next :meth:`read` then opens the file again from its
     start. Not thread-safe; use it from one thread at a time (the pipeline calls it via to_thread).
+
+    Damaged audio is decoded past, as the ffmpeg CLI does: a packet the codec rejects is skipped;
+    a change of sample rate, sample format or channels mid-stream (a mixed-rate MP3) gets a new
+    resampler; and a chained Ogg link that FFmpeg's demuxer refuses to follow (one that changes
+    the rate or the channels) is opened on its own. :attr:`errors` counts what was skipped. Only a
+    file from which nothing decodes is a DecodeError (see :func:`open_decoder`).
     """
 
     RATE = 16_000
@@ -334,51 +372,123 @@ class PcmDecoder:
     def __init__(self, path: str) -> None:
         self._path = path
         self._container: Any = None
-        self._open()
+        self._start()
         self.duration = _duration(self._container, self._stream)
 
-    def _open(self) -> None:
-        self._container = _open_container(self._path)
-        self._stream = self._container.streams.audio[0]
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=self.RATE)
-        self._packets = self._container.demux(self._stream)
+    def _start(self) -> None:
+        """Start decoding from the beginning of the file."""
+        self._open(0)
         self._pending = bytearray()
         self._eof = False
-        self._direct = True
+        self._resampler: Any = None
+        self._resampler_key: tuple[str, int, str] | None = None
+        self._decoded = 0
+        self._bad_in_a_row = 0
+        self._links = 0
+        #: Damaged packets skipped and links that could not be followed, so far.
+        self.errors = 0
+
+    def _open(self, offset: int) -> None:
+        self._container = _open_container(self._path, offset)
+        self._stream = self._container.streams.audio[0]
+        self._packets = self._container.demux(self._stream)
+        # Where the current link starts, and the furthest packet read from it (byte offsets).
+        self._offset = self._position = offset
+
+    @property
+    def seconds(self) -> float:
+        """Seconds of audio decoded so far: the audio's true length once the end is reached."""
+        return self._decoded / (2 * self.RATE)
+
+    def _add(self, frame: Any) -> None:
+        # A plane may be padded for alignment: only the real samples count.
+        n = frame.samples * 2
+        self._pending += memoryview(frame.planes[0])[:n]
+        self._decoded += n
+
+    def _drain(self) -> None:
+        """Flush the resampler's buffered samples and drop it."""
+        if self._resampler is not None:
+            resampler, self._resampler, self._resampler_key = self._resampler, None, None
+            for out in resampler.resample(None):
+                self._add(out)
 
     def _append(self, frame: Any) -> None:
         # Input that is already s16 mono 16 kHz (the usual ASR WAV) skips the resampler, which
         # costs ~28 us per 1024-sample frame even when it changes nothing (PyAV only passes
-        # frames through when the layouts match by name). Once a frame needed resampling, all
-        # later ones go through the resampler too, so its buffered samples keep their order.
-        if self._direct and frame is not None:
-            if (
-                frame.format.name == "s16"
-                and frame.sample_rate == self.RATE
-                and frame.layout.nb_channels == 1
-            ):
-                self._pending += memoryview(frame.planes[0])[: frame.samples * 2]
+        # frames through when the layouts match by name). A frame in another format than the
+        # resampler's (a rate change mid-stream) first drains it, so samples keep their order,
+        # and then gets a resampler of its own: PyAV's refuses frames unlike its first.
+        key = (frame.format.name, frame.sample_rate, frame.layout.name)
+        if self._resampler is not None and key != self._resampler_key:
+            self._drain()
+        if self._resampler is None:
+            if key[0] == "s16" and key[1] == self.RATE and frame.layout.nb_channels == 1:
+                self._add(frame)
                 return
-            self._direct = False
+            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=self.RATE)
+            self._resampler_key = key
         for out in self._resampler.resample(frame):
-            self._pending += memoryview(out.planes[0])[: out.samples * 2]
+            self._add(out)
+
+    def _finish(self) -> None:
+        self._drain()
+        self._eof = True
+        self._release()
+
+    def _next_link(self) -> bool:
+        """After the demuxer failed, open the next link of a chained Ogg on its own; False when
+        there is none (or the file is not an Ogg)."""
+        if "ogg" not in self._container.format.name.split(","):
+            return False
+        start = _next_ogg_link(self._path, self._position + 1)
+        self._release()
+        # The new link's timestamps start again from zero: the resampler must not see that.
+        self._drain()
+        while start is not None and self._links < MAX_LINKS:
+            self._links += 1
+            try:
+                self._open(start)
+                return True
+            except DecodeError:
+                self.errors += 1
+                start = _next_ogg_link(self._path, start + 1)
+        return False
 
     def _pump(self) -> None:
         try:
             packet = next(self._packets)
         except StopIteration:
-            self._append(None)  # flush the resampler
-            self._eof = True
-            self._release()
+            self._finish()
             return
-        for frame in packet.decode():
+        except av.FFmpegError:
+            # The demuxer cannot go on: a damaged container, or a chained Ogg whose next link
+            # FFmpeg does not follow.
+            self.errors += 1
+            if not self._next_link():
+                self._finish()
+            return
+        if packet.pos is not None and packet.pos > self._position:
+            self._position = packet.pos
+        try:
+            frames = packet.decode()
+        except av.FFmpegError:
+            # A corrupt packet (a truncated last frame, a splice of two MP3s): skip it. Past
+            # many in a row the rest is garbage, and reading it all would only cost time.
+            self.errors += 1
+            self._bad_in_a_row += 1
+            if self._bad_in_a_row >= MAX_BAD_PACKETS_IN_A_ROW:
+                self._finish()
+            return
+        self._bad_in_a_row = 0
+        for frame in frames:
             self._append(frame)
 
     def read(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` of PCM (an even count); ``b""`` at the end."""
         try:
             if self._container is None and not self._eof:
-                self._open()
+                self._start()
             while len(self._pending) < max_bytes and not self._eof:
                 self._pump()
         except (av.FFmpegError, ValueError) as exc:
@@ -414,11 +524,37 @@ class PcmDecoder:
 
 
 def _duration(container: Any, stream: Any) -> float | None:
+    """The length of the audio stream that is decoded, when the file tells it.
+
+    Not the container's duration when it holds other streams: that is the longest one's (a video
+    track longer than the audio, or a second, longer audio stream). Matroska and WebM give no
+    stream duration, but their muxers write each track's length as a DURATION tag.
+    """
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
-    if container.duration is not None:
+    tagged = _tag_seconds(stream.metadata.get("DURATION") or stream.metadata.get("duration"))
+    if tagged is not None:
+        return tagged
+    timed = [
+        s
+        for s in container.streams
+        if s.type in ("audio", "video") and not s.disposition & av.stream.Disposition.attached_pic
+    ]
+    if timed == [stream] and container.duration is not None:
         return float(container.duration / 1_000_000)
     return None
+
+
+_TAG_DURATION = re.compile(r"(\d+):([0-5]?\d):(\d+(?:\.\d*)?)")
+
+
+def _tag_seconds(value: str | None) -> float | None:
+    """Seconds of an ``HH:MM:SS.fraction`` duration tag; None when absent or malformed."""
+    match = _TAG_DURATION.fullmatch(value.strip()) if value else None
+    if match is None:
+        return None
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
 def open_decoder(path: str, probe_bytes: int = 3200) -> PcmDecoder:
@@ -435,7 +571,8 @@ def open_decoder(path: str, probe_bytes: int = 3200) -> PcmDecoder:
         raise
     if not decoder._pending:
         decoder.close()
-        raise DecodeError("no audio could be decoded from the file")
+        damaged = f"; {decoder.errors} damaged part(s) skipped" if decoder.errors else ""
+        raise DecodeError(f"no audio could be decoded from the file{damaged}")
     return decoder
 
 

@@ -98,6 +98,9 @@ class Done(msgspec.Struct, frozen=True):
     cached: bool
     # The transcript carries human corrections (only ever on a cache hit).
     corrected: bool = False
+    # Damaged stretches of the audio that were skipped (corrupt packets, a chain link that could
+    # not be read): the transcript covers the rest.
+    audio_errors: int = 0
 
 
 class Failed(msgspec.Struct, frozen=True):

@@ -253,6 +253,8 @@ async def _decode_pcm(job: Job, out: anyio.abc.ObjectSendStream[bytes]) -> None:
         while True:
             pcm = await anyio.to_thread.run_sync(job.decoder.read, DECODE_STEP_BYTES)
             if not pcm:
+                # The length is what decoded, not what the container claimed (issue 13, 7.6).
+                job.total_time = round(job.decoder.seconds, 3)
                 return
             for i in range(0, len(pcm), CHUNK_BYTES):
                 await out.send(pcm[i : i + CHUNK_BYTES])
@@ -393,7 +395,8 @@ async def run_job(job: Job, outbox: Outbox) -> None:
         duration = transcript.total_time or transcript.current_time
         if math.isfinite(duration):
             metrics.AUDIO_SECONDS.labels(engine).inc(duration)
-        outbox.put(Done(transcript, cached=False))
+        errors = job.decoder.errors if job.decoder is not None else 0
+        outbox.put(Done(transcript, cached=False, audio_errors=errors))
         outcome = "OK"
     except GatewayError as exc:
         outcome = exc.code

@@ -78,11 +78,13 @@ class Paragraph(msgspec.Struct, frozen=True):
     paragraph_id: str
 
 
-class Document(msgspec.Struct, frozen=True):
+class Document(msgspec.Struct, frozen=True, omit_defaults=True):
     document: tuple[Paragraph, ...]
     document_id: str
     current_time: float | None
     total_time: float | None
+    # Not AymurAI's: only in ``done`` when some of the audio could not be decoded and was skipped.
+    audio_errors: int = 0
 
 
 class _ErrorBody(msgspec.Struct, frozen=True):
@@ -180,7 +182,8 @@ def _done_document(done: Done) -> Document:
     # AymurAI's cached reply carries no progress: both times are null.
     if done.cached:
         return _document(t.id, t.segments, None, None)
-    return _document(t.id, t.segments, t.current_time, t.total_time)
+    document = _document(t.id, t.segments, t.current_time, t.total_time)
+    return msgspec.structs.replace(document, audio_errors=done.audio_errors)
 
 
 def aymurai_code(code: str, status: int | None = None) -> str:

@@ -53,9 +53,11 @@ class _LiveSnapshot(msgspec.Struct):
     total_time: float | None
 
 
-class _Final(_Snapshot):
+class _Final(_Snapshot, omit_defaults=True):
     cached: bool
     corrected: bool
+    # Only when some of the audio could not be decoded and was skipped.
+    audio_errors: int = 0
 
 
 class _StoredView(_Snapshot):
@@ -80,7 +82,14 @@ _encoder = msgspec.json.Encoder()
 def _final(done: Done) -> _Final:
     t = done.transcript
     return _Final(
-        t.id, t.segments, t.text, t.current_time, t.total_time, done.cached, done.corrected
+        t.id,
+        t.segments,
+        t.text,
+        t.current_time,
+        t.total_time,
+        done.cached,
+        done.corrected,
+        done.audio_errors,
     )
 
 

@@ -67,9 +67,11 @@ class _Delta(msgspec.Struct, tag_field="type", tag="transcript.text.delta"):
     delta: str
 
 
-class _TextDone(msgspec.Struct, tag_field="type", tag="transcript.text.done"):
+class _TextDone(msgspec.Struct, tag_field="type", tag="transcript.text.done", omit_defaults=True):
     text: str
     usage: _Usage
+    # Not OpenAI's: only when some of the audio could not be decoded and was skipped.
+    audio_errors: int = 0
 
 
 class _ErrorDetail(msgspec.Struct):
@@ -87,9 +89,10 @@ class _ErrorBody(msgspec.Struct):
     error: _ErrorDetail
 
 
-class _Json(msgspec.Struct):
+class _Json(msgspec.Struct, omit_defaults=True):
     text: str
     usage: _Usage
+    audio_errors: int = 0
 
 
 class _VerboseSegment(msgspec.Struct):
@@ -119,6 +122,7 @@ class _Verbose(msgspec.Struct, omit_defaults=True):
     segments: list[_VerboseSegment]
     usage: _Usage
     words: list[_VerboseWord] | None = None
+    audio_errors: int = 0
 
 
 class _Model(msgspec.Struct):
@@ -218,7 +222,7 @@ class OpenAITranslator:
             t = event.transcript
             delta = self._take(t.segments)
             frames = _frame(_Delta(delta)) if delta else b""
-            frames += _frame(_TextDone(self._text, _usage(t)))
+            frames += _frame(_TextDone(self._text, _usage(t), event.audio_errors))
             return frames + b"data: [DONE]\n\n" if self.done_sentinel else frames
         if isinstance(event, Failed):
             status = _STATUS_OVERRIDES.get(event.code, status_of(event.code, 502))
@@ -271,8 +275,9 @@ def _result(done: Done, options: _Options) -> Response:
     body: msgspec.Struct
     if fmt == "verbose_json":
         body = _verbose(t, options.language, "word" in options.granularities)
+        body.audio_errors = done.audio_errors
     else:
-        body = _Json(t.text, _usage(t))
+        body = _Json(t.text, _usage(t), done.audio_errors)
     return Response(_encoder.encode(body), media_type="application/json")
 
 
