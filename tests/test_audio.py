@@ -31,6 +31,7 @@ from audio_util import (
 )
 from conftest import collect, make_config, run_gateway
 
+from gateway import audio as audio_module
 from gateway.audio import PcmDecoder, open_decoder, receive_upload
 from gateway.errors import BadRequest, DecodeError, MissingFile, PayloadTooLarge
 
@@ -440,3 +441,15 @@ async def test_a_damaged_file_is_transcribed_past_its_errors_and_done_says_so(
     assert openai.data["usage"]["seconds"] == native.data["total_time"]
     assert aymurai.event == "done", aymurai
     assert aymurai.data["audio_errors"] == native.data["audio_errors"]
+
+
+def test_past_too_many_damaged_packets_in_a_row_the_rest_is_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The mixed-rate MP3 has one bad packet where the rates change: with a limit of one bad
+    # packet in a row, only the first half decodes; garbage is not read to its end.
+    path = mixed_rate_mp3(GOFORWARD, tmp_path / "mixed.mp3")
+    monkeypatch.setattr(audio_module, "MAX_BAD_PACKETS_IN_A_ROW", 1)
+    decoder, pcm = _decode_all(path)
+    assert len(pcm) / 32000 == pytest.approx(GOFORWARD_SECONDS, abs=0.1)
+    assert decoder.errors == 1
