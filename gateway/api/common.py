@@ -210,6 +210,7 @@ async def prepare_job(
             raise ShuttingDown("the gateway is shutting down", retry_after=1)
         release = state.tenant_streams.acquire(tenant)
         engine = state.engine(engine_name)
+        language = engine.resolve_language(language)
         if use_cache:
             stored = await state.store.get(upload.id, tenant)
             cached = cached_result(stored, engine.name, language)

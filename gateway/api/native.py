@@ -56,6 +56,8 @@ class _LiveSnapshot(msgspec.Struct):
 class _Final(_Snapshot, omit_defaults=True):
     cached: bool
     corrected: bool
+    # The language transcribed in, when the engine reports it (the whisper engine does).
+    language: str = ""
     # Only when some of the audio could not be decoded and was skipped.
     audio_errors: int = 0
 
@@ -89,6 +91,7 @@ def _final(done: Done) -> _Final:
         t.total_time,
         done.cached,
         done.corrected,
+        t.language,
         done.audio_errors,
     )
 

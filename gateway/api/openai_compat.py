@@ -252,7 +252,7 @@ def _verbose(t: Transcript, language: str, words: bool) -> _Verbose:
     usage = _usage(t)
     return _Verbose(
         task="transcribe",
-        language=language,
+        language=t.language or language,
         duration=usage.seconds,
         text=t.text,
         segments=segments,

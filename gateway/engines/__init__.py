@@ -7,6 +7,7 @@ from ..config import (
     OpenAIRealtimeConfig,
     PocketSphinxConfig,
     ScriptedConfig,
+    WhisperConfig,
     WhisperLiveKitConfig,
 )
 from .base import PCM_BYTES_PER_SECOND, PCM_SAMPLE_RATE, Engine, Session, SessionOptions
@@ -23,6 +24,10 @@ __all__ = [
 
 def build_engine(name: str, config: EngineConfig) -> Engine:
     """Instantiate the engine a config section describes (imports only the kinds in use)."""
+    if isinstance(config, WhisperConfig):
+        from .whisper import WhisperEngine
+
+        return WhisperEngine(name, config)
     if isinstance(config, PocketSphinxConfig):
         from .embedded import PocketSphinxEngine
 

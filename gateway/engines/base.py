@@ -76,6 +76,15 @@ class Engine(abc.ABC):
     def open_session(self, options: SessionOptions) -> AbstractAsyncContextManager[Session]:
         """Wait for capacity (reporting queue positions), connect, and yield a ready session."""
 
+    async def start(self) -> None:  # noqa: B027 - a hook: most engines load nothing up front
+        """Load engine-wide resources at start-up. Never raises: a failure makes ``readiness``
+        report the reason."""
+
+    def resolve_language(self, language: str) -> str:
+        """The language a session will use for a requested one ("" = the engine decides);
+        raises InvalidOption for one the engine cannot transcribe, before the stream starts."""
+        return language
+
     def admit(self) -> None:  # noqa: B027 - a hook: engines without a queue accept everything
         """Raise CapacityExhausted if a session opened now would be refused; called before the
         stream starts, so the client gets a 503 with Retry-After instead of an error event."""
