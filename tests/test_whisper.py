@@ -69,6 +69,10 @@ def test_next_chunk_takes_the_longest_stretch_to_a_cut_and_waits_for_one() -> No
     assert seg.next_chunk(26, 40, final=False) is None
     # At the end of the audio, the rest goes.
     assert seg.next_chunk(26, 40, final=True) == seg.windows == 38
+    # Not eager (the engine is contended): only a full chunk, or the end, is worth a decode.
+    assert seg.next_chunk(0, 40, final=False, eager=False) is None
+    assert seg.next_chunk(0, 30, final=False, eager=False) == 26
+    assert seg.next_chunk(26, 40, final=True, eager=False) == 38
 
 
 def test_speech_without_a_pause_is_cut_at_its_quietest_window_once_full() -> None:
@@ -96,7 +100,7 @@ async def engine() -> WhisperEngine:
 
 async def transcribe(engine: WhisperEngine, pcm: bytes, chunk: int = 6400) -> list[Any]:
     updates = []
-    async with engine.open_session(SessionOptions()) as session:
+    async with engine.session(SessionOptions()) as session:
         with collapse_groups():
             async with trio.open_nursery() as nursery:
 
@@ -161,7 +165,7 @@ async def test_a_cancelled_session_frees_its_worker_at_once(engine: WhisperEngin
             async def first(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                 with trio.CancelScope() as scope:
                     task_status.started(scope)
-                    async with engine.open_session(SessionOptions()) as session:
+                    async with engine.session(SessionOptions()) as session:
                         for i in range(0, len(pcm), 6400):
                             await session.send_audio(pcm[i : i + 6400])
                         async for _ in session.results():
@@ -172,7 +176,7 @@ async def test_a_cancelled_session_frees_its_worker_at_once(engine: WhisperEngin
             entered, leave = trio.Event(), trio.Event()
 
             async def second() -> None:
-                async with engine.open_session(SessionOptions(on_queued=positions.append)):
+                async with engine.session(SessionOptions(), on_queued=positions.append):
                     entered.set()
                     await leave.wait()
 

@@ -134,11 +134,14 @@ class Segmenter:
             return None
         return self._speech[k - 1] + 1
 
-    def next_chunk(self, start: int, max_windows: int, *, final: bool) -> int | None:
+    def next_chunk(
+        self, start: int, max_windows: int, *, final: bool, eager: bool = True
+    ) -> int | None:
         """Where the next chunk from ``start`` ends, or None while it is better to wait.
 
         The longest chunk that ends at a cut and holds at most ``max_windows``; at the end of the
-        audio, everything left if it fits. With no cut in reach and ``max_windows`` of audio (or
+        audio, everything left if it fits. Unless ``eager``, a chunk is only taken once it is
+        full (or the audio has ended): fewer, longer decodes, for throughput. With no cut in reach and ``max_windows`` of audio (or
         the end) already here, the chunk is forced to end at the least speech-like window of its
         last quarter: a word may be split, but memory and decode time stay bounded.
         """
@@ -148,6 +151,8 @@ class Segmenter:
         limit = start + max_windows
         if final and available <= limit:
             return available
+        if not eager and not final and available < limit:
+            return None
         k = bisect_right(self.cuts, min(limit, available))
         if k > 0 and self.cuts[k - 1] > start:
             return self.cuts[k - 1]

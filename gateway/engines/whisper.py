@@ -73,6 +73,8 @@ PROMPT_CHARS = 600
 TAIL_SLACK = 0.3
 # Partials need this much audio in the open stretch to be worth a decode.
 MIN_PARTIAL_SECONDS = 1.0
+# Audio arriving this many times faster than real time is an upload, not a live speaker.
+FAST_AUDIO = 2.0
 # The longest aclose() waits for abandoned decodes to stop.
 CLOSE_TIMEOUT = 30.0
 _STEP_SAMPLES = int(VAD_STEP_SECONDS * PCM_SAMPLE_RATE) // WINDOW_SAMPLES * WINDOW_SAMPLES
@@ -188,7 +190,8 @@ class _WhisperSession(Session):
         self._tentative: tuple[Segment, ...] = ()
         self._processed = 0.0
         self._partial_audio = 0  # self._vad_done when the last partial was decoded
-        self._partial_at = anyio.current_time()
+        self._partial_at = self._opened_at = anyio.current_time()
+        self._contended = engine.contended
 
     # -- the writer side ---------------------------------------------------------------------
 
@@ -315,10 +318,25 @@ class _WhisperSession(Session):
         )
         self._processed = end / PCM_SAMPLE_RATE
 
+    def _eager(self) -> bool:
+        """Whether to decode up to the first pause heard, or to wait for a full chunk.
+
+        A lone stream commits at each pause it can: the first text of an upload appears after
+        one short decode. But every decode costs a whole encoder pass, so when other sessions
+        compete for the cores and the audio arrives faster than real time (an upload, not a
+        live speaker), only full chunks are decoded: throughput before latency.
+        """
+        elapsed = anyio.current_time() - self._opened_at
+        if self._received < FAST_AUDIO * elapsed * PCM_SAMPLE_RATE:
+            return True
+        return not self._contended()
+
     async def results(self) -> AsyncIterator[EngineUpdate]:
         while True:
             final = self._ended
-            end = self._seg.next_chunk(self._base // WINDOW_SAMPLES, self._max_windows, final=final)
+            end = self._seg.next_chunk(
+                self._base // WINDOW_SAMPLES, self._max_windows, final=final, eager=self._eager()
+            )
             if end is not None:
                 await self._commit(end)
                 yield self._update()
@@ -386,6 +404,11 @@ class WhisperEngine(Engine):
                 raise InvalidOption(
                     f"engine {self.name!r} runs the English-only model {self.config.model!r}:"
                     f' language {language!r} is not available (use "en" or leave it empty)'
+    def contended(self) -> bool:
+        """Whether other sessions run or wait besides the caller's."""
+        stats = self.stats()
+        return bool(stats["sessions"] > 1 or stats["queue_length"] > 0)
+
                 )
             return "en"
         if language and language not in self._model.supported_languages:
