@@ -158,3 +158,24 @@ async def test_corrections_with_times_no_view_can_render_are_refused(
             assert await store.set_corrections("a", (Segment(MAX_SECONDS, MAX_SECONDS, "last"),))
             got = await store.get("a")
     assert got is not None and got.corrected == (Segment(MAX_SECONDS, MAX_SECONDS, "last"),)
+
+
+async def test_corrections_commit_with_an_fsync_transcripts_without(tmp_path: Path) -> None:
+    """A correction is human work that cannot be made again: its commit runs with
+    synchronous=FULL (the WAL is fsynced before the PUT is answered, so it survives a power
+    loss); a machine transcript, a cache, commits with NORMAL (no fsync per upload)."""
+    statements: list[str] = []
+    with trio.fail_after(10):
+        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+            await store._call(lambda conn: conn.set_trace_callback(statements.append))
+            await store.save(transcript("a", "helo"))
+            assert await store.set_corrections("a", (Segment(0.0, 1.0, "Hello."),))
+            await store.save(transcript("b", "next"))
+            level = await store._call(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0])
+    writes = [i for i, s in enumerate(statements) if s.startswith(("INSERT", "UPDATE"))]
+    insert_a, update, insert_b = writes
+    assert statements[update - 1] == "PRAGMA synchronous=FULL"
+    assert statements[update + 1] == "PRAGMA synchronous=NORMAL"
+    assert not any("FULL" in s for s in statements[: update - 1] + statements[update + 1 :])
+    assert statements[insert_a].startswith("INSERT") and statements[insert_b].startswith("INSERT")
+    assert level == 1  # NORMAL again
