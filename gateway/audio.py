@@ -7,11 +7,26 @@ The size limit is enforced while receiving, so an oversize upload is refused aft
 
 Decoding runs on worker threads, a bounded step at a time (:meth:`PcmDecoder.read`), so a cancelled
 request never waits for more than one step and memory stays bounded whatever the file's length.
+
+Spool files and crashes. A gateway killed with SIGKILL (or by the OOM killer, or a power loss)
+cannot remove its spool files, so start-up removes those left by dead gateways
+(:func:`sweep_spool`). Two rules make that safe in a shared directory such as /tmp:
+
+- the gateway's files are recognisable: their names start with :data:`SPOOL_PREFIX`, and no other
+  file is ever touched;
+- a live gateway's files are never removed, even by another gateway sharing the spool directory:
+  each spool file carries an exclusive ``flock`` on the descriptor its writer keeps open until
+  the upload is released. The kernel drops the lock when the process dies, however it dies, so
+  "the lock can be taken" means "its writer is gone". A lock is used rather than a pid in the
+  name because pids are reused and are not unique across containers sharing a volume (each
+  gateway may be pid 1); and per file rather than per process directory, so the directory holds
+  nothing between uploads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import mmap
 import os
@@ -43,6 +58,7 @@ __all__ = [
     "content_id",
     "open_decoder",
     "receive_upload",
+    "sweep_spool",
 ]
 
 av.logging.set_level(av.logging.PANIC)
@@ -54,6 +70,8 @@ MAX_FIELD_BYTES = 64 * 1024
 # Multipart framing allowed on top of the file when checking Content-Length up front.
 MULTIPART_OVERHEAD = 64 * 1024
 FILE_FIELD = "file"
+# Spool files are named <SPOOL_PREFIX><random>.bin: the prefix marks them as the gateway's own.
+SPOOL_PREFIX = "asr-gateway-upload-"
 
 
 def content_id(digest: hashlib.blake2b) -> str:
@@ -69,6 +87,8 @@ class Upload:
     filename: str = ""
     content_type: str = "application/octet-stream"
     fields: dict[str, list[str]] = field(default_factory=dict)
+    # The open spool file: it holds its lock (see the module docstring) until aclose().
+    spool_file: Any = field(default=None, repr=False)
 
     def field(self, name: str, default: str = "") -> str:
         values = self.fields.get(name)
@@ -77,20 +97,88 @@ class Upload:
     async def aclose(self) -> None:
         """Remove the spool file. Idempotent, and runs even when cancelled."""
         path, self.path = self.path, ""
-        if path:
+        file, self.spool_file = self.spool_file, None
+        if path or file is not None:
             with anyio.CancelScope(shield=True):
-                try:
-                    await anyio.to_thread.run_sync(os.unlink, path)
-                except FileNotFoundError:
-                    pass
+                await anyio.to_thread.run_sync(_remove_spool_file, path, file)
+
+
+def _remove_spool_file(path: str, file: Any) -> None:
+    # Unlinked before its lock is released: a sweeper never sees an unlocked file of ours.
+    try:
+        if path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    finally:
+        if file is not None:
+            file.close()
+
+
+def _same_file(path: str, fd: int) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _create_spool_file(directory: str | None) -> Any:
+    """A new spool file, open for writing and locked (see the module docstring)."""
+    while True:
+        file = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix=SPOOL_PREFIX, suffix=".bin", dir=directory, delete=False
+        )
+        try:
+            # Blocking: another gateway's sweep holds the lock only to unlink the file.
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+            # A sweep that starts between the file's creation and the lock sees an unlocked
+            # file and removes it; then this name is gone and a new file is made.
+            if _same_file(file.name, file.fileno()):
+                return file
+        except BaseException:
+            _remove_spool_file(file.name, file)
+            raise
+        file.close()
+
+
+def sweep_spool(spool_dir: str | None) -> int:
+    """Remove the spool files left by gateways that are gone (killed, crashed): the files named
+    with :data:`SPOOL_PREFIX` whose lock nobody holds. Returns how many were removed. Files of
+    live gateways sharing the directory, and every other file, are left alone."""
+    directory = spool_dir or tempfile.gettempdir()
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not entry.name.startswith(SPOOL_PREFIX) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # removed meanwhile, or another user's
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live upload
+            if _same_file(entry.path, fd):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 class _Spool:
     """Writes the file part to a temporary file in batches, hashing as it goes.
 
     The file is created by the first flush, and an upload smaller than one batch is created,
-    written and closed in one worker-thread call: each hand-off to a thread costs about as much
-    as writing 100 KB.
+    written and flushed in one worker-thread call: each hand-off to a thread costs about as much
+    as writing 100 KB. The file stays open, holding its lock, until the upload is released.
     """
 
     def __init__(self, spool_dir: str | None, max_bytes: int) -> None:
@@ -115,16 +203,14 @@ class _Spool:
     def should_flush(self) -> bool:
         return self._pending_size >= SPOOL_BATCH_BYTES
 
-    def _write(self, batch: bytes, close: bool) -> None:
+    def _write(self, batch: bytes, last: bool) -> None:
         if self.file is None:
-            # Kept open across batches; finish() or discard() closes it.
-            self.file = tempfile.NamedTemporaryFile(  # noqa: SIM115
-                prefix="upload-", suffix=".bin", dir=self._dir, delete=False
-            )
+            # Kept open (and locked) until discard() or Upload.aclose().
+            self.file = _create_spool_file(self._dir)
             self.path = self.file.name
         self.file.write(batch)
-        if close:
-            self.file.close()
+        if last:
+            self.file.flush()  # the decoder opens the file by its name
 
     def _take_batch(self) -> bytes:
         batch = b"".join(self._pending)
@@ -140,11 +226,7 @@ class _Spool:
         await anyio.to_thread.run_sync(self._write, self._take_batch(), True)
 
     def _discard(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        _remove_spool_file(self.path, self.file)
 
     async def discard(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -288,6 +370,7 @@ async def receive_upload(
         filename=filename,
         content_type=file_type,
         fields=fields,
+        spool_file=spool.file,
     )
 
 

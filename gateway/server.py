@@ -14,6 +14,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from starlette.types import ASGIApp
 
 from .app import create_app
+from .audio import sweep_spool
 from .config import Config
 from .errors import ConfigError
 
@@ -140,7 +141,15 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns and the drain is over (or forever); reports the
-    bound URLs when started. ``hurry_trigger`` (a second signal) cuts the grace short."""
+    bound URLs when started. ``hurry_trigger`` (a second signal) cuts the grace short.
+
+    Before anything is served, the spool files of gateways that died without cleaning up (SIGKILL,
+    OOM kill, power loss) are removed; live gateways sharing the spool directory keep theirs
+    (:func:`gateway.audio.sweep_spool`)."""
+    spool_dir = config.server.spool_dir or None
+    removed = await trio.to_thread.run_sync(sweep_spool, spool_dir)
+    if removed:
+        log.info("removed %d spool file(s) left by a stopped gateway", removed)
     app = create_app(config)
     trigger = None
     if shutdown_trigger is not None:
