@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python bench/idle.py
 	$(BIN)/python bench/longaudio.py
 	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/storm.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

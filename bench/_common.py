@@ -331,11 +331,20 @@ def silent_wav(seconds: float, rate: int = 16_000) -> bytes:
 # --- a lean HTTP/1.1 SSE client -----------------------------------------------------------------
 
 
-def upload_request(host: str, port: int, target: str, body: bytes, content_type: str) -> bytes:
-    """A complete keep-alive ``POST`` with a raw body (the gateway accepts ``audio/*`` bodies)."""
+def upload_request(
+    host: str,
+    port: int,
+    target: str,
+    body: bytes,
+    content_type: str,
+    headers: Mapping[str, str] | None = None,
+) -> bytes:
+    """A complete keep-alive ``POST`` with a raw body (the gateway accepts ``audio/*`` bodies),
+    plus any extra ``headers``."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
         f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nAccept: text/event-stream\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nAccept: text/event-stream\r\n{extra}\r\n"
     )
     return head.encode() + body
 

@@ -100,6 +100,8 @@ class FakeConnection:
     path: str
     query: dict[str, str]
     headers: dict[str, str]
+    #: When the handshake arrived and when the session ended (the handler returned: the client
+    #: closed, aborted, or the server dropped it), on the trio clock of the serving run.
     accepted_at: float = 0.0
     refused: int = 0
     received_bytes: int = 0
