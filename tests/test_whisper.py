@@ -138,6 +138,10 @@ async def test_an_upload_is_decoded_in_few_long_chunks_with_batch_quality(
     assert starts == sorted(starts) and final.committed[-1].end <= 24.8
     assert [w.start for w in final.words] == sorted(w.start for w in final.words)
     assert normalise(" ".join(w.word for w in final.words)) == normalise(text)
+    # One segment per sentence (a subtitle cue), even when Whisper timestamps a whole chunk once.
+    assert len(final.committed) >= 5
+    assert final.committed[-1].text.endswith(".")
+    assert max(s.end - s.start for s in final.committed) < 10
 
 
 async def test_same_bytes_same_text_whatever_ran_or_was_cancelled_before(

@@ -71,6 +71,7 @@ PROMPT_CHARS = 600
 # A chunk's decode stops once its text reaches within this many seconds of the chunk's last
 # speech window (see _decode).
 TAIL_SLACK = 0.3
+_SENTENCE_ENDS = (".", "?", "!", "\u3002", "\uff1f", "\uff01")  # and CJK full stops
 # Partials need this much audio in the open stretch to be worth a decode.
 MIN_PARTIAL_SECONDS = 1.0
 # Audio arriving this many times faster than real time is an upload, not a live speaker.
@@ -151,15 +152,36 @@ def _decode(
         text = s.text.strip()
         if not text:
             continue
-        out.append(
-            Segment(round(offset + float(s.start), 3), round(offset + float(s.end), 3), text)
-        )
+        if s.words:
+            out.extend(_sentences(s.words, offset))
+        else:
+            start, end = round(offset + float(s.start), 3), round(offset + float(s.end), 3)
+            out.append(Segment(start, end, text))
         for w in s.words or ():
             start, end = round(offset + float(w.start), 3), round(offset + float(w.end), 3)
             found.append(Word(start, end, w.word.strip()))
         if s.end + TAIL_SLACK >= speech_end:
             break
     return _Decoded(tuple(out), tuple(found), info.language)
+
+
+def _sentences(words: Any, offset: float) -> list[Segment]:
+    """A Whisper segment split into sentences by its word timestamps.
+
+    Prompted with the text before it, Whisper often emits one timestamp pair for a whole chunk:
+    a 17 s segment, useless as a subtitle cue. Words that end a sentence end a segment.
+    """
+    out: list[Segment] = []
+    pending: list[Any] = []
+    for i, w in enumerate(words):
+        pending.append(w)
+        if w.word.rstrip().endswith(_SENTENCE_ENDS) or i == len(words) - 1:
+            text = "".join(x.word for x in pending).strip()
+            if text:
+                start = round(offset + float(pending[0].start), 3)
+                out.append(Segment(start, round(offset + float(w.end), 3), text))
+            pending = []
+    return out
 
 
 class _WhisperSession(Session):
