@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from . import metrics
+from . import metrics, openapi
 from .api import aymurai, native, openai_compat
 from .auth import AuthMiddleware, KeyRing, TenantStreams, error_response_for
 from .config import Config
@@ -185,6 +185,7 @@ def create_app(config: Config) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *openapi.routes(config),
     ]
     # The access log is outermost, so that refused requests are logged with their X-Request-ID too.
     middleware = [Middleware(RequestLogMiddleware)]

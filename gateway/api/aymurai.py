@@ -13,7 +13,6 @@ gateway's code, because retrying the same request can never help and the client 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -21,7 +20,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 from starlette.requests import Request
@@ -352,168 +351,10 @@ async def post_validation(request: Request) -> Response:
     return _json(_document(id, segments, None, None))
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _errors(*statuses: int) -> dict[str, Any]:
-    json_error = {"application/json": {"schema": _ref("Error")}}
-    return {str(s): {"description": "error", "content": json_error} for s in statuses}
-
-
-_USE_CACHE = {
-    "name": "use_cache",
-    "in": "query",
-    "required": False,
-    "schema": {"type": "boolean", "default": True},
-    "description": "Serve a stored transcript of the same bytes (the validation when present).",
-}
-_UPLOAD = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "file": {"type": "string", "contentMediaType": "application/octet-stream"}
-                },
-            }
-        }
-    },
-}
-_DOCUMENT_ID = {
-    "name": "document_id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "format": "uuid"},
-}
-_DURATION = {"oneOf": [{"type": "string", "description": "PT2.5S or H:MM:SS"}, {"type": "number"}]}
-_DOCUMENT_OK = {
-    "200": {
-        "description": "the document",
-        "content": {"application/json": {"schema": _ref("ASRDocument")}},
-    }
-}
-
-# Hand-built: Starlette has no schema generator, and this profile is small and fixed.
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {"title": "asr-gateway: AymurAI profile", "version": ""},
-    "paths": {
-        "/asr/transcribe/stream": {
-            "post": {
-                "operationId": "transcribe_stream",
-                "summary": "Transcribe an upload, streaming cumulative snapshots as SSE",
-                "parameters": [_USE_CACHE],
-                "requestBody": _UPLOAD,
-                "responses": {
-                    "200": {
-                        "description": (
-                            "Events `transcription` (an ASRDocument snapshot), then exactly one"
-                            " `done` (ASRDocument) or `error` (Error); `: keepalive` comments"
-                            " while nothing else is sent. A cache hit is a single `done`."
-                        ),
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                    },
-                    **_errors(400, 401, 413, 415, 429, 503),
-                },
-            }
-        },
-        "/asr/transcribe": {
-            "post": {
-                "operationId": "transcribe",
-                "summary": "Transcribe an upload and answer once it is done",
-                "deprecated": True,
-                "parameters": [_USE_CACHE],
-                "requestBody": _UPLOAD,
-                "responses": {**_DOCUMENT_OK, **_errors(400, 401, 413, 415, 422, 429, 500, 502)},
-            }
-        },
-        "/asr/validation/document/{document_id}": {
-            "parameters": [_DOCUMENT_ID],
-            "get": {
-                "operationId": "get_validation",
-                "summary": "The validated paragraphs, or the machine transcript",
-                "responses": {**_DOCUMENT_OK, **_errors(404)},
-            },
-            "post": {
-                "operationId": "post_validation",
-                "summary": "Store validated paragraphs (kept when the audio is transcribed again)",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {"type": "array", "items": _ref("ASRParagraphIn")}
-                        }
-                    },
-                },
-                "responses": {**_DOCUMENT_OK, **_errors(400, 404, 413)},
-            },
-        },
-    },
-    "components": {
-        "schemas": {
-            "ASRParagraph": {
-                "type": "object",
-                "required": ["speaker_no", "speaker_name", "start", "end", "text", "paragraph_id"],
-                "properties": {
-                    "speaker_no": {"type": "integer"},
-                    "speaker_name": {"type": ["string", "null"]},
-                    "start": {"type": "string", "format": "duration"},
-                    "end": {"type": "string", "format": "duration"},
-                    "text": {"type": "string"},
-                    "paragraph_id": {"type": "string", "format": "uuid"},
-                },
-            },
-            "ASRParagraphIn": {
-                "type": "object",
-                "required": ["speaker_no", "start", "end", "text"],
-                "properties": {
-                    "speaker_no": {"type": "integer"},
-                    "speaker_name": {"type": ["string", "null"]},
-                    "start": _DURATION,
-                    "end": _DURATION,
-                    "text": {"type": "string"},
-                },
-            },
-            "ASRDocument": {
-                "type": "object",
-                "required": ["document", "document_id", "current_time", "total_time"],
-                "properties": {
-                    "document": {"type": "array", "items": _ref("ASRParagraph")},
-                    "document_id": {"type": "string", "format": "uuid"},
-                    "current_time": {"type": ["number", "null"]},
-                    "total_time": {"type": ["number", "null"]},
-                },
-            },
-            "Error": {
-                "type": "object",
-                "required": ["detail", "code"],
-                "properties": {"detail": {"type": "string"}, "code": {"type": "string"}},
-            },
-        }
-    },
-}
-
-
-@functools.cache
-def _openapi_json() -> bytes:
-    # The package finishes importing (and defines its version) after this module.
-    from .. import __version__
-
-    return _encoder.encode({**OPENAPI, "info": {**OPENAPI["info"], "version": __version__}})
-
-
-async def openapi(request: Request) -> Response:
-    return Response(_openapi_json(), media_type="application/json")
-
-
 def routes() -> list[Route]:
     return [
         Route("/asr/transcribe/stream", _Transcribe(streaming=True), methods=["POST"]),
         Route("/asr/transcribe", _Transcribe(streaming=False), methods=["POST"]),
         Route("/asr/validation/document/{document_id}", get_validation, methods=["GET"]),
         Route("/asr/validation/document/{document_id}", post_validation, methods=["POST"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
     ]
