@@ -426,16 +426,16 @@ class WhisperEngine(Engine):
                 raise InvalidOption(
                     f"engine {self.name!r} runs the English-only model {self.config.model!r}:"
                     f' language {language!r} is not available (use "en" or leave it empty)'
-    def contended(self) -> bool:
-        """Whether other sessions run or wait besides the caller's."""
-        stats = self.stats()
-        return bool(stats["sessions"] > 1 or stats["queue_length"] > 0)
-
                 )
             return "en"
         if language and language not in self._model.supported_languages:
             raise InvalidOption(f"language {language!r} is not one Whisper knows")
         return language
+
+    def contended(self) -> bool:
+        """Whether other sessions run or wait besides the caller's."""
+        stats = self.stats()
+        return bool(stats["sessions"] > 1 or stats["queue_length"] > 0)
 
     @asynccontextmanager
     async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
