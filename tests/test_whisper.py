@@ -144,6 +144,34 @@ async def test_an_upload_is_decoded_in_few_long_chunks_with_batch_quality(
     assert max(s.end - s.start for s in final.committed) < 10
 
 
+async def test_live_paced_audio_gets_tentative_partials_about_every_second(
+    engine: WhisperEngine,
+) -> None:
+    # A live speaker: 200 ms of audio every 200 ms (the source's pace, not a wait in the test).
+    pcm = pcm_of(DATA / "ps_librivox_0870.wav")
+    updates = []
+    with trio.fail_after(60):
+        async with engine.session(SessionOptions()) as session, trio.open_nursery() as nursery:
+
+            async def speak() -> None:
+                for i in range(0, len(pcm), 6400):
+                    await session.send_audio(pcm[i : i + 6400])
+                    await trio.sleep(0.2)
+                await session.end_audio()
+
+            nursery.start_soon(speak)
+            async for update in session.results():
+                updates.append(update)
+    tentative = [u for u in updates if u.tentative]
+    # 7.1 s of speech: a partial about every second once a second of it is in (the machine may
+    # be slower than that, hence the margin), each covering more audio than the one before.
+    assert len(tentative) >= 3
+    ends = [u.tentative[-1].end for u in tentative]
+    assert ends == sorted(ends)
+    final = updates[-1]
+    assert final.committed[0].text.startswith("And Mr. John Dashwood") and final.tentative == ()
+
+
 async def test_same_bytes_same_text_whatever_ran_or_was_cancelled_before(
     engine: WhisperEngine,
 ) -> None:

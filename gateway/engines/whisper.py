@@ -72,6 +72,28 @@ PROMPT_CHARS = 600
 # speech window (see _decode).
 TAIL_SLACK = 0.3
 _SENTENCE_ENDS = (".", "?", "!", "\u3002", "\uff1f", "\uff01")  # and CJK full stops
+_ABBREVIATIONS = frozenset(
+    [
+        "mr",
+        "mrs",
+        "ms",
+        "dr",
+        "st",
+        "jr",
+        "sr",
+        "vs",
+        "etc",
+        "prof",
+        "lt",
+        "sgt",
+        "capt",
+        "rev",
+        "fig",
+        "approx",
+        "inc",
+        "ltd",
+    ]
+)
 # Partials need this much audio in the open stretch to be worth a decode.
 MIN_PARTIAL_SECONDS = 1.0
 # Audio arriving this many times faster than real time is an upload, not a live speaker.
@@ -165,6 +187,15 @@ def _decode(
     return _Decoded(tuple(out), tuple(found), info.language)
 
 
+def _ends_sentence(word: str) -> bool:
+    word = word.strip()
+    if not word.endswith(_SENTENCE_ENDS):
+        return False
+    stem = word.rstrip(".").lower()
+    # "Mr." or "J." end no sentence.
+    return not (word.endswith(".") and (len(stem) <= 1 or stem in _ABBREVIATIONS))
+
+
 def _sentences(words: Any, offset: float) -> list[Segment]:
     """A Whisper segment split into sentences by its word timestamps.
 
@@ -175,7 +206,7 @@ def _sentences(words: Any, offset: float) -> list[Segment]:
     pending: list[Any] = []
     for i, w in enumerate(words):
         pending.append(w)
-        if w.word.rstrip().endswith(_SENTENCE_ENDS) or i == len(words) - 1:
+        if _ends_sentence(w.word) or i == len(words) - 1:
             text = "".join(x.word for x in pending).strip()
             if text:
                 start = round(offset + float(pending[0].start), 3)
