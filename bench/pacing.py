@@ -100,7 +100,7 @@ async def pacer(url: str, audio: bytes, n: int) -> list[Outcome]:
 
     async def client() -> Outcome:
         try:
-            async with engine.open_session(SessionOptions()) as session:
+            async with engine.session(SessionOptions()) as session:
 
                 async def send() -> None:
                     for i in range(0, len(audio), PIPELINE_CHUNK):

@@ -1,12 +1,20 @@
 """Admission control: per-upstream session caps, one FIFO queue with visible positions, routing.
 
 An :class:`Admission` guards a pool of upstream keys (URLs, or a single key for a one-endpoint
-engine), each with a session cap. ``acquire`` grants a :class:`Lease` on the healthy key with the
-fewest sessions, or queues the caller FIFO and reports its 1-based position whenever it changes
-(positions only ever decrease). Past ``max_queue`` waiters it refuses at once with
-``CAPACITY_EXHAUSTED``; a caller still queued after ``queue_timeout`` gets ``CAPACITY_TIMEOUT``.
-Leaving the ``acquire`` block, normally, by error or by cancellation, frees the slot at once and
-hands it to the head of the queue.
+engine), each with a session cap. Admitting is two steps:
+
+- :meth:`Admission.reserve` is synchronous, so the capacity check and the enqueue are one atomic
+  step (no other task runs between them): it returns a :class:`Ticket` that holds a :class:`Lease`
+  on the healthy key with the fewest sessions, or a place at the back of the FIFO queue, or it
+  refuses at once with ``CAPACITY_EXHAUSTED`` when ``max_queue`` tickets already wait. A caller
+  that must answer before it commits to a response (an HTTP 503 with Retry-After rather than an
+  error event) reserves first and waits later.
+- :meth:`Ticket.wait` waits for the grant, reporting the 1-based position whenever it changes
+  (positions only ever decrease); a ticket still queued ``queue_timeout`` seconds after it was
+  reserved gets ``CAPACITY_TIMEOUT``. :meth:`Ticket.release` (idempotent) gives the place back,
+  queued or granted, and a freed slot goes to the head of the queue at once.
+
+``acquire`` is both steps as one async context manager.
 
 Health: a key whose connection fails is marked unhealthy until a backoff deadline (the caller
 picks the backoff; :meth:`Admission.failures` tells how many failures in a row it has had). New
@@ -18,8 +26,9 @@ unhealthy may move to a healthy key with room (``Lease.reroute()``) before it re
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -27,12 +36,26 @@ import anyio
 
 from .errors import CapacityExhausted, CapacityTimeout, UpstreamUnavailable
 
-__all__ = ["DEFAULT_RETRY_AFTER", "RENUMBER_DELAY", "Admission", "Lease"]
+__all__ = [
+    "DEFAULT_MAX_QUEUE",
+    "DEFAULT_QUEUE_TIMEOUT",
+    "DEFAULT_RETRY_AFTER",
+    "RENUMBER_DELAY",
+    "UNLIMITED",
+    "Admission",
+    "Lease",
+    "Ticket",
+]
 
 # Seconds a refused client is told to wait (Retry-After) when nothing better is known.
 DEFAULT_RETRY_AFTER = 5.0
 # Departures from the queue within this many seconds share one renumbering (see _renumber_soon).
 RENUMBER_DELAY = 0.05
+# The session cap of a key with no cap: every reservation is granted at once.
+UNLIMITED = sys.maxsize
+# Queue limits for an engine whose configuration does not set them.
+DEFAULT_MAX_QUEUE = 256
+DEFAULT_QUEUE_TIMEOUT = 600.0
 
 
 @dataclass(eq=False)
@@ -52,14 +75,6 @@ class _Upstream:
         if self.healthy:
             return True
         return now >= self.retry_at and self.probe is None
-
-
-@dataclass(eq=False)
-class _Waiter:
-    on_queued: Callable[[int], None] | None
-    granted: anyio.Event = field(default_factory=anyio.Event)
-    lease: Lease | None = None
-    position: int = 0
 
 
 @dataclass(eq=False)
@@ -83,18 +98,97 @@ class Lease:
         return self._admission._reroute(self)
 
 
+@dataclass(eq=False)
+class Ticket:
+    """A place taken by :meth:`Admission.reserve`: a lease at once, or a place in the queue."""
+
+    _admission: Admission
+    #: When a ticket still queued gives up (CAPACITY_TIMEOUT).
+    deadline: float
+    #: Set once granted (at reservation, or when a slot frees up).
+    lease: Lease | None = None
+    #: The 1-based place in the queue while queued; 0 once granted or released.
+    position: int = 0
+    _report: Callable[[int], None] | None = None
+    _granted: anyio.Event = field(default_factory=anyio.Event)
+    _released: bool = False
+
+    def _grant(self, lease: Lease) -> None:
+        self.lease, self.position = lease, 0
+        self._granted.set()
+
+    def _moved(self, position: int) -> None:
+        self.position = position
+        if self._report is not None:
+            self._report(position)
+
+    async def wait(self, report: Callable[[int], None] | None = None) -> Lease:
+        """The lease, once granted; meanwhile ``report`` gets the queue position now and at
+        every change.
+
+        Raises:
+            CapacityTimeout: still queued at the deadline (the ticket is then released).
+        """
+        if self._released:
+            raise RuntimeError("this ticket was released")
+        admission = self._admission
+        if self.lease is None:
+            self._report = report
+            if report is not None:
+                report(self.position)
+            with anyio.move_on_at(self.deadline):
+                while self.lease is None:
+                    # Sleep until granted, or until a backed-off upstream may be probed.
+                    with anyio.move_on_after(admission._next_retry()):
+                        await self._granted.wait()
+                    if self.lease is None:
+                        admission._dispatch()
+            if self.lease is None:
+                self._released = True
+                admission._waiters.remove(self)
+                self.position = 0
+                admission._dispatch()  # its client waits for CAPACITY_TIMEOUT: no delay
+                raise CapacityTimeout(f"still queued after {admission.queue_timeout:g} s")
+        return self.lease
+
+    async def release(self) -> None:
+        """Give the place back: a lease goes to the head of the queue at once, a queued place
+        is left at once (those behind move up within RENUMBER_DELAY). Idempotent; safe when
+        cancelled."""
+        if self._released:
+            return
+        self._released = True
+        self._report = None
+        admission = self._admission
+        if self.lease is not None:
+            admission._release(self.lease)
+            return
+        admission._waiters.remove(self)
+        self.position = 0
+        await admission._renumber_soon()
+
+    @asynccontextmanager
+    async def granted(self, report: Callable[[int], None] | None = None) -> AsyncIterator[Lease]:
+        """:meth:`wait` for the lease, hold it for the block, then :meth:`release` the ticket
+        (also when the wait fails or is cancelled)."""
+        try:
+            yield await self.wait(report)
+        finally:
+            await self.release()
+
+
 class Admission:
     def __init__(
         self,
-        capacities: dict[str, int],
+        capacities: Mapping[str, int],
         *,
-        max_queue: int,
-        queue_timeout: float,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
     ) -> None:
         if not capacities:
             raise ValueError("an admission pool needs at least one upstream")
         self._upstreams = {k: _Upstream(k, c) for k, c in capacities.items()}
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: deque[Ticket] = deque()
         self._renumber_pending = False
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
@@ -162,14 +256,10 @@ class Admission:
             u = self._pick()
             if u is None:
                 break
-            w = self._waiters.popleft()
-            w.lease = self._take(u)
-            w.granted.set()
-        for i, w in enumerate(self._waiters, start=1):
-            if w.position != i:
-                w.position = i
-                if w.on_queued is not None:
-                    w.on_queued(i)
+            self._waiters.popleft()._grant(self._take(u))
+        for i, ticket in enumerate(self._waiters, start=1):
+            if ticket.position != i:
+                ticket._moved(i)
 
     def _release(self, lease: Lease) -> None:
         u = lease._upstream
@@ -224,59 +314,34 @@ class Admission:
             self._renumber_pending = False
             self._dispatch()
 
-    def check(self) -> None:
-        """Refuse up front (CAPACITY_EXHAUSTED) when ``acquire`` would find the queue full.
+    def reserve(self) -> Ticket:
+        """Take a place now: a lease if a slot is free and nobody waits, else the back of the
+        queue. Synchronous, so no other task can take the place between the check and the
+        enqueue.
 
-        For callers that must answer before committing to a response (an HTTP 503 with
-        Retry-After rather than an error event). ``acquire`` applies the same rule.
+        Raises:
+            CapacityExhausted: ``max_queue`` tickets are already waiting.
         """
-        if len(self._waiters) >= self.max_queue and (self._waiters or self._pick() is None):
+        ticket = Ticket(self, anyio.current_time() + self.queue_timeout)
+        upstream = self._pick() if not self._waiters else None
+        if upstream is not None:
+            ticket._grant(self._take(upstream))
+            return ticket
+        if len(self._waiters) >= self.max_queue:
             raise CapacityExhausted(
                 f"{len(self._waiters)} requests already queued", retry_after=DEFAULT_RETRY_AFTER
             )
+        self._waiters.append(ticket)
+        ticket.position = len(self._waiters)
+        return ticket
 
     @asynccontextmanager
     async def acquire(self, on_queued: Callable[[int], None] | None = None) -> AsyncIterator[Lease]:
-        """Hold one session slot for the duration of the block.
+        """Reserve and wait: hold one session slot for the duration of the block.
 
         Raises:
             CapacityExhausted: ``max_queue`` requests are already waiting.
             CapacityTimeout: still queued after ``queue_timeout`` seconds.
         """
-        upstream = self._pick() if not self._waiters else None
-        if upstream is not None:
-            lease = self._take(upstream)
-        else:
-            self.check()
-            waiter = _Waiter(on_queued)
-            self._waiters.append(waiter)
-            waiter.position = len(self._waiters)
-            if on_queued is not None:
-                on_queued(waiter.position)
-            try:
-                with anyio.fail_after(self.queue_timeout):
-                    while not waiter.granted.is_set():
-                        # Sleep until granted, or until a backed-off upstream may be probed.
-                        with anyio.move_on_after(self._next_retry()):
-                            await waiter.granted.wait()
-                        if not waiter.granted.is_set():
-                            self._dispatch()
-            except BaseException as exc:
-                if waiter.lease is None:
-                    self._waiters.remove(waiter)
-                    if isinstance(exc, TimeoutError):
-                        self._dispatch()  # its client waits for CAPACITY_TIMEOUT: no delay
-                    else:
-                        await self._renumber_soon()
-                else:
-                    # Granted, but cancelled before we could use it: hand the slot on.
-                    self._release(waiter.lease)
-                if isinstance(exc, TimeoutError):
-                    raise CapacityTimeout(f"still queued after {self.queue_timeout:g} s") from exc
-                raise
-            assert waiter.lease is not None
-            lease = waiter.lease
-        try:
+        async with self.reserve().granted(on_queued) as lease:
             yield lease
-        finally:
-            self._release(lease)

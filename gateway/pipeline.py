@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from . import metrics
+from .admission import Ticket
 from .audio import PcmDecoder, Upload
 from .engines.base import PCM_BYTES_PER_SECOND, Engine, Session, SessionOptions
 from .errors import GatewayError, ShuttingDown, Timeout, UpstreamError, collapse_groups
@@ -197,7 +198,8 @@ class Job:
     """Everything one transcription needs, settled before the stream starts.
 
     A job answered from the cache has ``cached`` set and no decoder: it was found before the
-    audio was probed, and it needs no engine session.
+    audio was probed, and it needs no engine session. Any other job holds a ``ticket``: its place
+    at the engine's admission, reserved before the stream started.
     """
 
     upload: Upload
@@ -205,6 +207,8 @@ class Job:
     engine: Engine
     store: Store
     cached: Done | None = None
+    # Released by aclose() if the job ends before (or without) running its session.
+    ticket: Ticket | None = None
     language: str = ""
     tenant: str = ""
     total_time: float | None = None
@@ -234,10 +238,13 @@ class Job:
         )
 
     async def aclose(self) -> None:
-        """Release the decoder and the spool file. Idempotent; safe when cancelled."""
+        """Release the admission ticket, the decoder and the spool file. Idempotent; safe when
+        cancelled."""
         with anyio.CancelScope(shield=True):
             callbacks, self.on_close = self.on_close, []
             try:
+                if self.ticket is not None:
+                    await self.ticket.release()
                 # Usually released already, at the end of the audio: no thread hand-off then.
                 if self.decoder is not None and self.decoder.is_open:
                     await anyio.to_thread.run_sync(self.decoder.close)
@@ -297,7 +304,7 @@ async def _receive(job: Job, session: Session, outbox: Outbox, state: _RunState)
 
 def _queued(job: Job, outbox: Outbox, position: int) -> None:
     # A queued job may wait for minutes: it keeps its spooled file, not an open decoder. The
-    # engine calls this only before its session opens, so no decode step is running.
+    # ticket reports only before it is granted, so no decode step is running.
     if job.decoder is not None:
         job.decoder.suspend()
     outbox.put(Queued(position))
@@ -310,10 +317,14 @@ async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
         total_time=job.total_time,
         content_type=job.upload.content_type,
         filename=job.upload.filename,
-        on_queued=lambda position: _queued(job, outbox, position),
     )
+    if job.ticket is None:
+        job.ticket = engine.admission.reserve()
     state = _RunState()
-    async with engine.open_session(options) as session:
+    async with (
+        job.ticket.granted(lambda position: _queued(job, outbox, position)) as lease,
+        engine.open_session(options, lease) as session,
+    ):
         opened = anyio.current_time()
         try:
             with collapse_groups():

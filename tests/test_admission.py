@@ -90,7 +90,7 @@ async def test_past_max_queue_requests_are_refused_at_once() -> None:
                 await trio.testing.wait_all_tasks_blocked()
             assert admission.queue_length == 2
             with pytest.raises(CapacityExhausted):
-                admission.check()
+                admission.reserve()
             with pytest.raises(CapacityExhausted) as refused:
                 async with admission.acquire():
                     pass
@@ -103,14 +103,12 @@ async def test_past_max_queue_requests_are_refused_at_once() -> None:
 async def test_max_queue_zero_never_queues() -> None:
     admission = Admission({"a": 1}, max_queue=0, queue_timeout=60)
     with trio.fail_after(10):
-        admission.check()
         async with admission.acquire():
             with pytest.raises(CapacityExhausted):
-                admission.check()
+                admission.reserve()
             with pytest.raises(CapacityExhausted):
                 async with admission.acquire():
                     pass
-        admission.check()
         async with admission.acquire():
             pass
 

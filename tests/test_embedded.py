@@ -90,7 +90,7 @@ async def _run_session(engine: PocketSphinxEngine, pcm: bytes, ending: str = "do
     """
     final: EngineUpdate | None = None
     with trio.CancelScope() as scope, collapse_groups():
-        async with engine.open_session(SessionOptions()) as session, trio.open_nursery() as n:
+        async with engine.session(SessionOptions()) as session, trio.open_nursery() as n:
 
             async def send() -> None:
                 for i in range(0, len(pcm), 6400):

@@ -29,6 +29,7 @@ import trustme
 from audio_util import GOFORWARD
 from conftest import SSE, Gateway, make_config, run_gateway, sse_events, wait_until
 
+from gateway.admission import Lease
 from gateway.config import ScriptedConfig
 from gateway.engines.base import Session, SessionOptions
 from gateway.engines.scripted import ScriptedEngine
@@ -205,8 +206,8 @@ class GatedEngine(ScriptedEngine):
         self.gate = trio.Event()
 
     @asynccontextmanager
-    async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
-        async with super().open_session(options) as session:
+    async def open_session(self, options: SessionOptions, lease: Lease) -> AsyncIterator[Session]:
+        async with super().open_session(options, lease) as session:
             end_audio = session.end_audio
 
             async def gated_end_audio() -> None:

@@ -140,7 +140,7 @@ async def test_1_handshake_ga_shape_on_loopback(monkeypatch: pytest.MonkeyPatch)
         async with open_fake_server(transport="tcp") as server:
             config = make_config(server)
             engine = OpenAIRealtimeEngine("openai", config)
-            async with engine.open_session(SessionOptions(language="en")) as session:
+            async with engine.session(SessionOptions(language="en")) as session:
                 assert session.audio_format == "pcm"
                 await session.send_audio(b"\x00\x00" * 3200)  # 200 ms at 16 kHz
                 await session.end_audio()
@@ -190,7 +190,7 @@ async def test_1_handshake_rejected_with_401_is_terminal(monkeypatch: pytest.Mon
         async with open_fake_server(transport="tcp", reject_status=401) as server:
             engine = OpenAIRealtimeEngine("openai", make_config(server, max_attempts=5))
             with pytest.raises(UpstreamUnavailable, match="401"):
-                async with engine.open_session(SessionOptions()):
+                async with engine.session(SessionOptions()):
                     pytest.fail("the session must not open")
     assert len(server.handshakes) == 1  # not retried
     assert engine.stats()["healthy"] == {server.url: 0}
@@ -944,7 +944,7 @@ async def test_11_session_resamples_16k_to_24k_without_clicks_or_lost_samples(
     with trio.fail_after(60):
         async with open_fake_server(transcriber()) as server:
             engine = OpenAIRealtimeEngine("openai", make_config(server), connect=server.connect)
-            async with engine.open_session(SessionOptions()) as session:
+            async with engine.session(SessionOptions()) as session:
                 i = k = 0
                 while i < len(tone):
                     size = sizes[k % len(sizes)] * 2
@@ -1041,7 +1041,7 @@ async def test_engine_end_audio_with_server_vad_waits_for_outstanding_items(
         async with open_fake_server(vad) as server:
             config = make_config(server, turn_detection="server_vad")
             engine = OpenAIRealtimeEngine("openai", config, connect=server.connect)
-            async with engine.open_session(SessionOptions()) as session:
+            async with engine.session(SessionOptions()) as session:
                 for _ in range(30):
                     await session.send_audio(b"\x01\x00" * 1600)  # 3 s at 16 kHz
                 await session.end_audio()
@@ -1063,7 +1063,7 @@ async def test_engine_without_api_key_is_unavailable(monkeypatch: pytest.MonkeyP
     with trio.fail_after(10):
         assert await engine.readiness() == f"environment variable {KEY_ENV} is not set"
         with pytest.raises(UpstreamUnavailable, match=KEY_ENV):
-            async with engine.open_session(SessionOptions()):
+            async with engine.session(SessionOptions()):
                 pytest.fail("no key, no session")
 
 
@@ -1078,12 +1078,12 @@ async def test_engine_reports_queue_positions_past_max_sessions(
                 "openai", make_config(server, max_sessions=1), connect=server.connect
             )
             async with (
-                engine.open_session(SessionOptions()),
+                engine.session(SessionOptions()),
                 trio.open_nursery() as nursery,
             ):
 
                 async def second() -> None:
-                    async with engine.open_session(SessionOptions(on_queued=positions.append)):
+                    async with engine.session(SessionOptions(), on_queued=positions.append):
                         pass
 
                 nursery.start_soon(second)
@@ -1361,7 +1361,7 @@ async def test_12_real_recording_through_the_engine_finishes_with_every_turn(
         async with open_fake_server(vad_transcriber(script), transport="tcp") as server:
             config = make_config(server, turn_detection="server_vad")
             engine = OpenAIRealtimeEngine("openai", config)
-            async with engine.open_session(SessionOptions()) as session:
+            async with engine.session(SessionOptions()) as session:
                 for i in range(0, len(pcm), 3200):
                     await session.send_audio(pcm[i : i + 3200])
                 await session.end_audio()

@@ -103,7 +103,7 @@ async def drive(
 async def transcribe(
     engine: WhisperLiveKitEngine, audio: bytes = AUDIO, **kwargs: Any
 ) -> EngineUpdate:
-    async with engine.open_session(SessionOptions()) as session:
+    async with engine.session(SessionOptions()) as session:
         return await drive(session, audio, **kwargs)
 
 
@@ -134,7 +134,7 @@ async def test_a_session_speaks_the_protocol() -> None:
         async with running(fake) as engine:
             options = SessionOptions(language="en")
             updates: list[EngineUpdate] = []
-            async with engine.open_session(options) as session:
+            async with engine.session(options) as session:
                 assert session.audio_format == "pcm"
                 final = await drive(session, updates=updates)
             assert_clean_transcript(final)
@@ -158,7 +158,7 @@ async def test_results_are_read_even_when_the_consumer_is_slow() -> None:
     fake = FakeWlkServer(speed=1.0)
     with trio.fail_after(120):
         async with running(fake, lead_seconds=4.0) as engine:
-            async with engine.open_session(SessionOptions()) as session:
+            async with engine.session(SessionOptions()) as session:
                 await feed(session, AUDIO, CHUNK)
                 await fake.wait_for(lambda: fake.connections[0].ready_sent)
                 updates = [u async for u in session.results()]
@@ -178,15 +178,15 @@ async def test_cancel_while_queued_frees_the_place() -> None:
             positions: dict[str, list[int]] = {"b": [], "c": []}
 
             async def holder() -> None:
-                async with engine.open_session(SessionOptions()) as session:
+                async with engine.session(SessionOptions()) as session:
                     holder_open.set()
                     await release.wait()
                     assert_clean_transcript(await drive(session))
 
             async def waiter(name: str, scope: trio.CancelScope) -> None:
                 with scope:
-                    options = SessionOptions(on_queued=positions[name].append)
-                    async with engine.open_session(options) as session:
+                    options = SessionOptions()
+                    async with engine.session(options, positions[name].append) as session:
                         assert_clean_transcript(await drive(session))
 
             b_scope, c_scope = trio.CancelScope(), trio.CancelScope()
@@ -217,10 +217,10 @@ async def test_queue_timeout_is_capacity_timeout() -> None:
     fake = FakeWlkServer(speed=1.0)
     with trio.fail_after(120):
         async with running(fake, max_sessions=1, queue_timeout=5.0) as engine:
-            async with engine.open_session(SessionOptions()):
+            async with engine.session(SessionOptions()):
                 start = trio.current_time()
                 with pytest.raises(CapacityTimeout):
-                    async with engine.open_session(SessionOptions()):
+                    async with engine.session(SessionOptions()):
                         pass
                 assert trio.current_time() - start == pytest.approx(5.0)
             assert engine.admission.queue_length == 0
@@ -243,7 +243,7 @@ async def test_pool_avoids_a_failing_url_and_probes_it_later() -> None:
             # Later, with wlk1 busy, one session probes wlk0 again, which has recovered.
             down.refuse_all = False
             await trio.sleep(5)
-            async with engine.open_session(SessionOptions()) as busy:
+            async with engine.session(SessionOptions()) as busy:
                 assert engine.admission.sessions() == {"ws://wlk0/asr": 0, "ws://wlk1/asr": 1}
                 assert_clean_transcript(await transcribe(engine))
                 assert_clean_transcript(await drive(busy))
@@ -406,7 +406,7 @@ async def test_encoded_mode_sends_the_upload_as_one_stream() -> None:
     upload = wav_bytes(AUDIO)
     with trio.fail_after(300):
         async with running(fake) as engine:
-            async with engine.open_session(SessionOptions(total_time=20.0)) as session:
+            async with engine.session(SessionOptions(total_time=20.0)) as session:
                 assert session.audio_format == "encoded"
                 final = await drive(session, upload, chunk=RAW_CHUNK)
             assert_clean_transcript(final)
@@ -420,7 +420,7 @@ async def test_encoded_mode_resumes_by_resending_from_the_start() -> None:
     upload = wav_bytes(AUDIO)
     with trio.fail_after(300):
         async with running(fake) as engine:
-            async with engine.open_session(SessionOptions()) as session:
+            async with engine.session(SessionOptions()) as session:
                 final = await drive(session, upload, chunk=RAW_CHUNK)
             assert_clean_transcript(final)
             first, second = fake.connections
@@ -460,8 +460,8 @@ class TestLoopback:
 
                 async def client(i: int) -> None:
                     nonlocal opened
-                    options = SessionOptions(on_queued=lambda p: queued(i, p))
-                    async with engine.open_session(options) as session:
+                    options = SessionOptions()
+                    async with engine.session(options, lambda p: queued(i, p)) as session:
                         opened += 1
                         check()
                         await go.wait()
@@ -474,9 +474,9 @@ class TestLoopback:
                     await ready.wait()
                     # The queue is full: a seventh request is refused before anything starts.
                     with pytest.raises(CapacityExhausted):
-                        engine.admit()
+                        engine.admission.reserve()
                     with pytest.raises(CapacityExhausted) as refused:
-                        async with engine.open_session(SessionOptions()):
+                        async with engine.session(SessionOptions()):
                             pass
                     assert refused.value.retry_after is not None
                     go.set()
@@ -499,7 +499,7 @@ class TestLoopback:
 
                 async def client() -> None:
                     with scope:
-                        async with engine.open_session(SessionOptions()) as session:
+                        async with engine.session(SessionOptions()) as session:
                             await drive(session)
 
                 async with trio.open_nursery() as nursery:

@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from ..admission import Ticket
 from ..audio import MULTIPART_OVERHEAD, PcmDecoder, Upload, open_decoder, receive_upload
 from ..errors import (
     ClientDisconnected,
@@ -195,14 +196,19 @@ async def prepare_job(
     use_cache: bool,
     tenant: str = "",
 ) -> Job:
-    """Check the engine, look the upload up in the cache and, on a miss, admit the job and probe
-    the audio; every failure here is a 4xx/5xx before the stream.
+    """Check the engine, look the upload up in the cache and, on a miss, reserve the job's place
+    at the engine's admission and probe the audio; every failure here is a 4xx/5xx before the
+    stream.
 
-    A cache hit needs no engine session, so it is served even when the engine is at capacity or
-    unreachable, and without opening the audio.
+    The reservation is one synchronous step (see :meth:`~gateway.admission.Admission.reserve`):
+    a job either holds a place (running or queued) before its 200, or is refused with 503
+    CAPACITY_EXHAUSTED and Retry-After, whatever the engine. A cache hit needs no engine
+    session, so it is served even when the engine is at capacity or unreachable, and without
+    opening the audio.
     """
     entry = current_request()
     release: Callable[[], None] | None = None
+    ticket: Ticket | None = None
     decoder: PcmDecoder | None = None
     cached: Done | None = None
     try:
@@ -215,7 +221,7 @@ async def prepare_job(
             stored = await state.store.get(upload.id, tenant)
             cached = cached_result(stored, engine.name, language)
         if cached is None:
-            engine.admit()
+            ticket = engine.admission.reserve()
             reason = await engine.readiness()
             if reason is not None:
                 raise UpstreamUnavailable(reason)
@@ -225,6 +231,8 @@ async def prepare_job(
             release()
         if entry is not None and isinstance(exc, GatewayError):
             entry.outcome = exc.code
+        if ticket is not None:
+            await ticket.release()
         await upload.aclose()
         raise
     total_time = decoder.duration if decoder is not None else None
@@ -237,6 +245,7 @@ async def prepare_job(
         upload=upload,
         decoder=decoder,
         cached=cached,
+        ticket=ticket,
         engine=engine,
         store=state.store,
         language=language,

@@ -7,18 +7,26 @@ sender and a receiver, so ``send_audio`` may block (that is how an engine applie
 pacing) while ``results`` keeps being read.
 
 Failures are raised as :class:`~gateway.errors.EngineError` subclasses (or ``Timeout``) from any of
-the methods. ``open_session`` is an async context manager: leaving it closes the session and frees
-whatever upstream capacity it held, promptly, even when cancelled.
+the methods. ``open_session`` is an async context manager: leaving it closes the session promptly,
+even when cancelled.
+
+Admission is not the engine's to remember: the base class gives every engine an
+:class:`~gateway.admission.Admission` (``engine.admission``) built from the session caps and queue
+limits its constructor passes up, unlimited by default. The pipeline reserves a place there before
+the stream starts, waits for the grant, and hands the granted :class:`~gateway.admission.Lease` to
+``open_session``; the engine only uses the lease (its key is the upstream to connect to, and an
+upstream engine reports connection health through it).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
+from ..admission import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT, UNLIMITED, Admission, Lease
 from ..events import EngineUpdate
 
 __all__ = [
@@ -26,6 +34,7 @@ __all__ = [
     "PCM_SAMPLE_RATE",
     "AudioFormat",
     "Engine",
+    "QueueLimits",
     "Session",
     "SessionOptions",
 ]
@@ -45,8 +54,16 @@ class SessionOptions:
     total_time: float | None = None
     content_type: str = "application/octet-stream"
     filename: str = ""
-    # Called with the 1-based queue position each time it changes while waiting for capacity.
-    on_queued: Callable[[int], None] | None = None
+
+
+class QueueLimits(Protocol):
+    """What an engine's configuration says about waiting for a session."""
+
+    @property
+    def max_queue(self) -> int: ...
+
+    @property
+    def queue_timeout(self) -> float: ...
 
 
 class Session(abc.ABC):
@@ -68,13 +85,44 @@ class Session(abc.ABC):
 
 class Engine(abc.ABC):
     kind: ClassVar[str]
+    #: Who may open a session now; every session the pipeline opens holds a lease from it.
+    admission: Admission
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        limits: QueueLimits | None = None,
+        *,
+        sessions: int | Mapping[str, int] = 0,
+    ) -> None:
+        """``sessions``: how many sessions may run at once (0: no cap), or the cap of each
+        upstream key (a lease's key says which one a session runs on); ``limits``: the queue
+        for the rest (``max_queue``, ``queue_timeout``), usually the engine's config."""
         self.name = name
+        capacities = sessions if isinstance(sessions, Mapping) else {name: sessions or UNLIMITED}
+        self.admission = Admission(
+            capacities,
+            max_queue=limits.max_queue if limits is not None else DEFAULT_MAX_QUEUE,
+            queue_timeout=limits.queue_timeout if limits is not None else DEFAULT_QUEUE_TIMEOUT,
+        )
 
     @abc.abstractmethod
-    def open_session(self, options: SessionOptions) -> AbstractAsyncContextManager[Session]:
-        """Wait for capacity (reporting queue positions), connect, and yield a ready session."""
+    def open_session(
+        self, options: SessionOptions, lease: Lease
+    ) -> AbstractAsyncContextManager[Session]:
+        """Connect on ``lease`` (granted by ``self.admission``) and yield a ready session."""
+
+    @asynccontextmanager
+    async def session(
+        self, options: SessionOptions, on_queued: Callable[[int], None] | None = None
+    ) -> AsyncIterator[Session]:
+        """Admit, wait for a place (``on_queued`` gets the positions) and open a session, all in
+        one step: for callers outside the pipeline (tests, benches)."""
+        async with (
+            self.admission.acquire(on_queued) as lease,
+            self.open_session(options, lease) as session,
+        ):
+            yield session
 
     async def start(self) -> None:  # noqa: B027 - a hook: most engines load nothing up front
         """Load engine-wide resources at start-up. Never raises: a failure makes ``readiness``
@@ -84,10 +132,6 @@ class Engine(abc.ABC):
         """The language a session will use for a requested one ("" = the engine decides);
         raises InvalidOption for one the engine cannot transcribe, before the stream starts."""
         return language
-
-    def admit(self) -> None:  # noqa: B027 - a hook: engines without a queue accept everything
-        """Raise CapacityExhausted if a session opened now would be refused; called before the
-        stream starts, so the client gets a 503 with Retry-After instead of an error event."""
 
     async def readiness(self) -> str | None:
         """``None`` when the engine can take sessions, otherwise the reason it cannot."""

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import pocketsphinx
 
-from ..admission import Admission
+from ..admission import Lease
 from ..config import PocketSphinxConfig
 from ..errors import UpstreamError
 from ..events import EngineUpdate, Segment, Word
@@ -243,18 +243,10 @@ class PocketSphinxEngine(Engine):
     kind = "pocketsphinx"
 
     def __init__(self, name: str, config: PocketSphinxConfig) -> None:
-        super().__init__(name)
-        self.config = config
         self.workers = config.workers or os.cpu_count() or 1
-        self._admission = Admission(
-            {"local": self.workers},
-            max_queue=config.max_queue,
-            queue_timeout=config.queue_timeout,
-        )
+        super().__init__(name, config, sessions=self.workers)
+        self.config = config
         self._idle: list[_PooledDecoder] = []
-
-    def admit(self) -> None:
-        self._admission.check()
 
     async def _release(self, pooled: _PooledDecoder, session: _EmbeddedSession) -> None:
         """Reset the decoder and pool it; one that failed or fails to reset is dropped."""
@@ -268,24 +260,24 @@ class PocketSphinxEngine(Engine):
         self._idle.append(pooled)
 
     @asynccontextmanager
-    async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
-        async with self._admission.acquire(options.on_queued):
-            pooled = self._idle.pop() if self._idle else None
-            if pooled is None:
-                pooled = await anyio.to_thread.run_sync(_PooledDecoder)
-            session = _EmbeddedSession(Recognizer(pooled.decoder, self.config))
-            try:
-                yield session
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await session.aclose()
-                    await self._release(pooled, session)
+    async def open_session(self, options: SessionOptions, lease: Lease) -> AsyncIterator[Session]:
+        # The lease caps sessions at ``workers``, so the pool never holds more decoders.
+        pooled = self._idle.pop() if self._idle else None
+        if pooled is None:
+            pooled = await anyio.to_thread.run_sync(_PooledDecoder)
+        session = _EmbeddedSession(Recognizer(pooled.decoder, self.config))
+        try:
+            yield session
+        finally:
+            with anyio.CancelScope(shield=True):
+                await session.aclose()
+                await self._release(pooled, session)
 
     def stats(self) -> dict[str, Any]:
         return {
-            "sessions": self._admission.active,
+            "sessions": self.admission.active,
             "capacity": self.workers,
-            "queue_length": self._admission.queue_length,
+            "queue_length": self.admission.queue_length,
         }
 
     async def aclose(self) -> None:

@@ -100,7 +100,7 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
-from ..admission import Admission
+from ..admission import Lease
 from ..config import OpenAIRealtimeConfig
 from ..errors import GatewayError, Timeout, UpstreamError, UpstreamUnavailable
 from ..events import EngineUpdate
@@ -1374,15 +1374,10 @@ class OpenAIRealtimeEngine(Engine):
         connect: Connector | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, config, sessions={config.url: config.max_sessions})
         self.config = config
         self._connect = connect
         self._rng = rng or random.Random()
-        self._admission = Admission(
-            {config.url: config.max_sessions},
-            max_queue=config.max_queue,
-            queue_timeout=config.queue_timeout,
-        )
         self._totals = _Totals()
         self.opened = 0
         self.closed = 0
@@ -1391,45 +1386,44 @@ class OpenAIRealtimeEngine(Engine):
         return os.environ.get(self.config.api_key_env, "")
 
     @asynccontextmanager
-    async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
+    async def open_session(self, options: SessionOptions, lease: Lease) -> AsyncIterator[Session]:
         api_key = self._api_key()
         if not api_key:
             raise UpstreamUnavailable(
                 f"engine {self.name}: environment variable {self.config.api_key_env} is not set"
             )
-        async with self._admission.acquire(options.on_queued) as lease:
-            self.opened += 1
-            try:
-                async with open_realtime_client(
-                    self.config,
-                    api_key=api_key,
-                    language=options.language,
-                    connect=self._connect,
-                    engine=self.name,
-                    rng=self._rng,
-                    totals=self._totals,
-                    on_ready=lease.succeeded,
-                ) as client:
-                    yield _RealtimeSession(client, manual=self.config.turn_detection == "none")
-            except UpstreamUnavailable:
-                lease.failed(self.config.backoff_max)
-                raise
-            finally:
-                self.closed += 1
+        self.opened += 1
+        try:
+            async with open_realtime_client(
+                self.config,
+                api_key=api_key,
+                language=options.language,
+                connect=self._connect,
+                engine=self.name,
+                rng=self._rng,
+                totals=self._totals,
+                on_ready=lease.succeeded,
+            ) as client:
+                yield _RealtimeSession(client, manual=self.config.turn_detection == "none")
+        except UpstreamUnavailable:
+            lease.failed(self.config.backoff_max)
+            raise
+        finally:
+            self.closed += 1
 
     async def readiness(self) -> str | None:
         if not self._api_key():
             return f"environment variable {self.config.api_key_env} is not set"
-        if not self._admission.any_healthy():
+        if not self.admission.any_healthy():
             return f"upstream {self.config.url} is backing off after failures"
         return None
 
     def stats(self) -> dict[str, Any]:
         totals = self._totals
         return {
-            "sessions": self._admission.sessions(),
-            "queued": self._admission.queue_length,
-            "healthy": {k: int(v) for k, v in self._admission.health().items()},
+            "sessions": self.admission.sessions(),
+            "queued": self.admission.queue_length,
+            "healthy": {k: int(v) for k, v in self.admission.health().items()},
             "reconnects": totals.reconnects,
             "replayed_bytes": totals.replayed_bytes,
             "dropped_chunks": totals.dropped_chunks,

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from ..admission import Admission
+from ..admission import Lease
 from ..config import ScriptedConfig
 from ..errors import UpstreamError
 from ..events import EngineUpdate, Segment
@@ -89,25 +89,12 @@ class ScriptedEngine(Engine):
     kind = "scripted"
 
     def __init__(self, name: str, config: ScriptedConfig) -> None:
-        super().__init__(name)
+        super().__init__(name, config, sessions=config.max_sessions)
         self.config = config
         self.active = 0
         self.opened = 0
         self.closed = 0
         self._changed = anyio.Event()
-        self._admission = (
-            Admission(
-                {"scripted": config.max_sessions},
-                max_queue=config.max_queue,
-                queue_timeout=config.queue_timeout,
-            )
-            if config.max_sessions
-            else None
-        )
-
-    def admit(self) -> None:
-        if self._admission is not None:
-            self._admission.check()
 
     async def wait_closed(self, count: int) -> None:
         """Wait until ``count`` sessions have been closed (for tests and benchmarks)."""
@@ -124,16 +111,7 @@ class ScriptedEngine(Engine):
         self._changed = anyio.Event()
 
     @asynccontextmanager
-    async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
-        if self._admission is None:
-            async with self._session() as session:
-                yield session
-        else:
-            async with self._admission.acquire(options.on_queued), self._session() as session:
-                yield session
-
-    @asynccontextmanager
-    async def _session(self) -> AsyncIterator[Session]:
+    async def open_session(self, options: SessionOptions, lease: Lease) -> AsyncIterator[Session]:
         session = _ScriptedSession(self)
         self.active += 1
         self.opened += 1

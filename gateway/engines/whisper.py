@@ -51,7 +51,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from ..admission import Admission
+from ..admission import Lease
 from ..config import WhisperConfig
 from ..errors import InvalidOption, UpstreamError, UpstreamUnavailable
 from ..events import EngineUpdate, Segment, Word
@@ -411,14 +411,11 @@ class WhisperEngine(Engine):
     kind = "whisper"
 
     def __init__(self, name: str, config: WhisperConfig) -> None:
-        super().__init__(name)
-        self.config = config
         cores = os.cpu_count() or 1
         self.workers = config.workers or cores
+        super().__init__(name, config, sessions=self.workers)
+        self.config = config
         self.threads = config.cpu_threads or cores
-        self._admission = Admission(
-            {"local": self.workers}, max_queue=config.max_queue, queue_timeout=config.queue_timeout
-        )
         self._model: Any = None
         self.vad_session: Any = None
         self._failure: str | None = "the model is not loaded yet"
@@ -441,9 +438,6 @@ class WhisperEngine(Engine):
                 return
             self.multilingual = bool(self._model.model.is_multilingual)
             self._failure = None
-
-    def admit(self) -> None:
-        self._admission.check()
 
     async def readiness(self) -> str | None:
         return self._failure
@@ -469,18 +463,17 @@ class WhisperEngine(Engine):
         return bool(stats["sessions"] > 1 or stats["queue_length"] > 0)
 
     @asynccontextmanager
-    async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
+    async def open_session(self, options: SessionOptions, lease: Lease) -> AsyncIterator[Session]:
         if self._model is None:
             raise UpstreamUnavailable(self._failure or "the model is not loaded")
         language = self.resolve_language(options.language)
-        async with self._admission.acquire(options.on_queued):
-            yield _WhisperSession(self, self._model, language)
+        yield _WhisperSession(self, self._model, language)
 
     def stats(self) -> dict[str, Any]:
         return {
-            "sessions": self._admission.active,
+            "sessions": self.admission.active,
             "capacity": self.workers,
-            "queue_length": self._admission.queue_length,
+            "queue_length": self.admission.queue_length,
         }
 
     async def aclose(self) -> None:

@@ -1,8 +1,8 @@
 """WhisperLiveKit upstream: a pool of ``/asr`` servers behind admission, pacing and resume.
 
-One session, as the pipeline sees it::
+One session, as the pipeline sees it (the lease, from the engine's admission, says which server)::
 
-    open_session ─► Admission.acquire (FIFO queue, positions) ─► connect ─► config ─► yield
+    Ticket.wait (FIFO queue) ─► open_session(lease) ─► connect ─► config ─► yield
                                   send_audio ─► replay buffer ─► writer ──(paced)──► server
                                   results() ◄── conflated update ◄── reader ◄──────── server
                                                                      heartbeat ─ping─► server
@@ -50,7 +50,7 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
-from ..admission import Admission, Lease
+from ..admission import Lease
 from ..config import WhisperLiveKitConfig
 from ..errors import (
     ConfigError,
@@ -683,7 +683,6 @@ class WhisperLiveKitEngine(Engine):
         connector: Connector | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        super().__init__(name)
         if not config.urls:
             raise ConfigError(
                 f"engines.{name}.urls: a whisperlivekit engine needs at least one url"
@@ -691,21 +690,13 @@ class WhisperLiveKitEngine(Engine):
         for url in config.urls:
             if urlsplit(url).scheme not in ("ws", "wss"):
                 raise ConfigError(f"engines.{name}.urls: {url!r} is not a ws:// or wss:// url")
+        super().__init__(name, config, sessions=dict.fromkeys(config.urls, config.max_sessions))
         self.config = config
         self.connector: Connector = connector or connect_tcp
         self.headers: list[tuple[bytes, bytes]] = (
             [(b"authorization", f"Bearer {config.token}".encode())] if config.token else []
         )
         self._random = rng or random.Random()
-        self._admission = Admission(
-            dict.fromkeys(config.urls, config.max_sessions),
-            max_queue=config.max_queue,
-            queue_timeout=config.queue_timeout,
-        )
-
-    @property
-    def admission(self) -> Admission:
-        return self._admission
 
     def session_url(self, url: str, options: SessionOptions) -> str:
         parts = urlsplit(url)
@@ -723,41 +714,37 @@ class WhisperLiveKitEngine(Engine):
 
     def url_backoff(self, url: str) -> float:
         """How long a server that failed to connect is avoided by new sessions."""
-        return self.backoff(self._admission.failures(url))
+        return self.backoff(self.admission.failures(url))
 
     @asynccontextmanager
-    async def open_session(self, options: SessionOptions) -> AsyncIterator[Session]:
-        async with self._admission.acquire(options.on_queued) as lease:
-            session = _WlkSession(self, lease, options)
-            try:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(session.drive)
-                    try:
-                        yield session
-                    finally:
-                        session._close()
-                        nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                # Only the body's (or the failed start's) exception is in here, plus Cancelled:
-                # re-raise it as itself, as open_websocket does, so callers see gateway errors.
-                errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-                if len(errors) != 1:
-                    raise
-                _reraise(errors[0])
-
-    def admit(self) -> None:
-        self._admission.check()
+    async def open_session(self, options: SessionOptions, lease: Lease) -> AsyncIterator[Session]:
+        session = _WlkSession(self, lease, options)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(session.drive)
+                try:
+                    yield session
+                finally:
+                    session._close()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Only the body's (or the failed start's) exception is in here, plus Cancelled:
+            # re-raise it as itself, as open_websocket does, so callers see gateway errors.
+            errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+            if len(errors) != 1:
+                raise
+            _reraise(errors[0])
 
     async def readiness(self) -> str | None:
-        if self._admission.any_healthy():
+        if self.admission.any_healthy():
             return None
         return "no healthy WhisperLiveKit upstream among " + ", ".join(self.config.urls)
 
     def stats(self) -> dict[str, Any]:
         return {
-            "sessions": self._admission.sessions(),
-            "queue_length": self._admission.queue_length,
-            "healthy": {url: int(ok) for url, ok in self._admission.health().items()},
+            "sessions": self.admission.sessions(),
+            "queue_length": self.admission.queue_length,
+            "healthy": {url: int(ok) for url, ok in self.admission.health().items()},
         }
 
     async def aclose(self) -> None:
