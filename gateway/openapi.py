@@ -95,6 +95,32 @@ _FILE = {"type": "string", "contentMediaType": "application/octet-stream"}
 _SSE = "text/event-stream"
 
 
+def _sse_event(events: dict[str, Schema]) -> Schema:
+    """One event of a ``text/event-stream`` as OpenAPI 3.2 models it (``event``, ``data``), its
+    ``data`` the JSON that ``events`` gives for its event type ("message" when unnamed)."""
+    by_type = [
+        {
+            "if": {"properties": {"event": {"const": name}}},
+            "then": {
+                "properties": {
+                    "data": {"contentMediaType": "application/json", "contentSchema": schema}
+                }
+            },
+        }
+        for name, schema in events.items()
+    ]
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {"event": {"enum": list(events)}, "data": {"type": "string"}},
+        "allOf": by_type,
+    }
+
+
+def _sse(description: str, events: dict[str, Schema]) -> Schema:
+    return {"description": description, "content": {_SSE: {"schema": _sse_event(events)}}}
+
+
 def _multipart(properties: Schema, required: tuple[str, ...] = ("file",)) -> Schema:
     return {"type": "object", "required": list(required), "properties": properties}
 
@@ -130,12 +156,15 @@ def _native(config: Config) -> dict[str, Schema]:
                 "parameters": parameters,
                 "requestBody": upload,
                 "responses": {
-                    "200": _text(
-                        _SSE,
-                        description=(
-                            "Events `queued` ({position}), `transcription` (a snapshot), then"
-                            " exactly one `done` (NativeFinal) or `error` (NativeErrorDetail)"
-                        ),
+                    "200": _sse(
+                        "Events `queued`, `transcription` (a snapshot), then exactly one `done`"
+                        " or `error`; `: keepalive` comments while nothing else is sent",
+                        {
+                            "queued": _ref("NativeQueued"),
+                            "transcription": _ref("NativeSnapshot"),
+                            "done": _ref("NativeFinal"),
+                            "error": _ref("NativeErrorDetail"),
+                        },
                     ),
                     **_errors("native", (*_UPLOAD, 404)),
                 },
@@ -241,6 +270,12 @@ _NATIVE_SCHEMAS: dict[str, Schema] = {
         "additionalProperties": False,
         "properties": {"segments": {"type": "array", "items": _ref("SegmentIn")}},
     },
+    "NativeSnapshot": {"type": "object", "required": list(_SNAPSHOT), "properties": _SNAPSHOT},
+    "NativeQueued": {
+        "type": "object",
+        "required": ["position"],
+        "properties": {"position": {"type": "integer", "minimum": 1}},
+    },
     "NativeFinal": {
         "type": "object",
         "required": [*_SNAPSHOT, "cached", "corrected"],
@@ -313,7 +348,7 @@ def _openai(config: Config) -> dict[str, Schema]:
                             },
                             "text/plain": {"schema": {"type": "string"}},
                             "text/vtt": {"schema": {"type": "string"}},
-                            _SSE: {"schema": {"type": "string"}},
+                            _SSE: {"schema": _sse_event({"message": _ref("OpenAIStreamEvent")})},
                         },
                     },
                     # A file that cannot be read is a 400 here, as at OpenAI: never 415 or 422.
@@ -354,19 +389,45 @@ _OPENAI_SCHEMAS: dict[str, Schema] = {
     "OpenAIError": {
         "type": "object",
         "required": ["error"],
+        "properties": {"error": _ref("OpenAIErrorDetail")},
+    },
+    "OpenAIErrorDetail": {
+        "type": "object",
+        "required": ["message", "type", "param", "code"],
         "properties": {
-            "error": {
-                "type": "object",
-                "required": ["message", "type", "param", "code"],
-                "properties": {
-                    "message": {"type": "string"},
-                    "type": {"type": "string"},
-                    "param": {"type": ["string", "null"]},
-                    # Always set by the gateway (its error code, lower-case).
-                    "code": {"type": "string", "minLength": 1},
-                },
-            }
+            "message": {"type": "string"},
+            "type": {"type": "string"},
+            "param": {"type": ["string", "null"]},
+            # Always set by the gateway (its error code, lower-case).
+            "code": {"type": "string", "minLength": 1},
         },
+    },
+    "OpenAIStreamEvent": {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["type", "delta"],
+                "properties": {
+                    "type": {"const": "transcript.text.delta"},
+                    "delta": {"type": "string"},
+                },
+            },
+            {
+                "type": "object",
+                "required": ["type", "text", "usage"],
+                "properties": {
+                    "type": {"const": "transcript.text.done"},
+                    "text": {"type": "string"},
+                    "usage": _USAGE,
+                    "audio_errors": {"type": "integer"},
+                },
+            },
+            {
+                "type": "object",
+                "required": ["type", "error"],
+                "properties": {"type": {"const": "error"}, "error": _ref("OpenAIErrorDetail")},
+            },
+        ]
     },
     "OpenAIJson": {
         "type": "object",
@@ -462,13 +523,15 @@ def _aymurai() -> dict[str, Schema]:
                 "parameters": [_USE_CACHE],
                 "requestBody": _AYMURAI_UPLOAD,
                 "responses": {
-                    "200": _text(
-                        _SSE,
-                        description=(
-                            "Events `transcription` (an ASRDocument snapshot), then exactly one"
-                            " `done` (ASRDocument) or `error` (AymurAIError); `: keepalive`"
-                            " comments while nothing else is sent. A cache hit is a single `done`."
-                        ),
+                    "200": _sse(
+                        "Events `transcription` (a snapshot), then exactly one `done` or `error`;"
+                        " `: keepalive` comments while nothing else is sent, `: queued N` while"
+                        " queued. A cache hit is a single `done`.",
+                        {
+                            "transcription": _ref("ASRDocument"),
+                            "done": _ref("ASRDocument"),
+                            "error": _ref("AymurAIError"),
+                        },
                     ),
                     **_errors("aymurai", _UPLOAD),
                 },
@@ -636,7 +699,9 @@ def document(config: Config, version: str = "") -> Schema:
                 "Native API (/v1/transcriptions), OpenAI-compatible API (/v1/audio, /v1/models)"
                 " and the AymurAI profile (/asr). Each answers errors in its own shape: "
                 + ", ".join(f"{api}: {name}" for api, name in ERROR_SCHEMAS.items())
-                + ". Unknown paths and methods are coded 404/405 in the shape of the path's API."
+                + ". Unknown paths and methods are coded 404/405 in the shape of the path's API;"
+                " bytes that do not frame an HTTP request get 400 MALFORMED_REQUEST (431"
+                " HEADERS_TOO_LARGE) in all three shapes at once."
             ),
         },
         "paths": {
