@@ -12,9 +12,11 @@ module with ``raise ... from exc``.
     │   ├── MissingFile               MISSING_FILE           400
     │   ├── EmptyFile                 EMPTY_FILE             400
     │   ├── InvalidOption             INVALID_OPTION         400
-    │   └── InvalidBody               INVALID_BODY           400
+    │   ├── InvalidBody               INVALID_BODY           400
+    │   └── MalformedRequest          MALFORMED_REQUEST      400 (HTTP framing, see server)
     ├── Unauthorized                  UNAUTHORIZED           401
     ├── RequestTimeout                REQUEST_TIMEOUT        408
+    ├── HeadersTooLarge               HEADERS_TOO_LARGE      431
     ├── PayloadTooLarge               PAYLOAD_TOO_LARGE      413
     ├── UnsupportedMediaType          UNSUPPORTED_MEDIA_TYPE 415
     ├── DecodeError                   DECODE_ERROR           415
@@ -54,9 +56,11 @@ __all__ = [
     "EmptyFile",
     "EngineError",
     "GatewayError",
+    "HeadersTooLarge",
     "InternalError",
     "InvalidBody",
     "InvalidOption",
+    "MalformedRequest",
     "MethodNotAllowed",
     "MissingFile",
     "NotFound",
@@ -117,6 +121,16 @@ class InvalidOption(BadRequest):
 
 class InvalidBody(BadRequest):
     code = "INVALID_BODY"
+
+
+class MalformedRequest(BadRequest):
+    """The bytes do not frame an HTTP request (answered by the server, before any route)."""
+
+    code = "MALFORMED_REQUEST"
+
+
+class HeadersTooLarge(GatewayError):
+    code, status = "HEADERS_TOO_LARGE", 431
 
 
 class Unauthorized(GatewayError):

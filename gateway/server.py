@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import h11
+import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.middleware import ProxyFixMiddleware
@@ -16,9 +18,9 @@ from starlette.types import ASGIApp
 from .app import create_app
 from .audio import sweep_spool
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, GatewayError, HeadersTooLarge, MalformedRequest
 
-__all__ = ["asgi_app", "hypercorn_config", "serve"]
+__all__ = ["asgi_app", "framing_error_body", "hypercorn_config", "serve"]
 
 log = logging.getLogger("gateway.server")
 
@@ -36,6 +38,86 @@ _REFUSED_KEYS = {
 }
 
 
+def framing_error_body(error: GatewayError) -> bytes:
+    """The body of an answer to bytes that do not frame an HTTP request.
+
+    Which front API the request was for is unknown (its path may never have been read), so the
+    body is every API's error shape at once: native ``{"error": {"code", "detail"}}``, OpenAI
+    ``{"error": {"message", "type", "param", "code"}}`` and AymurAI ``{"detail", "code"}``."""
+    return msgspec.json.encode(
+        {
+            "error": {
+                "code": error.code,
+                "detail": error.detail,
+                "message": error.detail,
+                "type": "invalid_request_error",
+                "param": None,
+            },
+            "code": error.code,
+            "detail": error.detail,
+        }
+    )
+
+
+# What h11 found wrong, by the status it suggests: 431 for headers past its size limit, 501 for
+# a transfer coding it does not implement (a 5xx the gateway never answers: the request is
+# refused, it is malformed for us), 400 for the rest.
+_FRAMING_ERRORS = {
+    431: HeadersTooLarge("the request headers are too large"),
+    501: MalformedRequest("unsupported Transfer-Encoding; only chunked is accepted"),
+}
+_MALFORMED = MalformedRequest("the bytes received do not frame an HTTP/1.1 request")
+
+
+def _harden_hypercorn() -> None:
+    """Two changes to hypercorn's HTTP/1.1 serving, made once per process.
+
+    - A request h11 cannot parse (a bad Content-Length, Content-Length with Transfer-Encoding, a
+      broken request line or header, headers too large, a body cut short) gets a coded JSON 4xx
+      instead of hypercorn's empty 400, 431 or 501. Hypercorn sends those answers itself, before
+      any ASGI app runs, from one method of its protocol, which is replaced. (h2 refuses such
+      requests with a stream reset, which has no body to code.)
+    - Closing a connection takes the connection's send lock. Hypercorn's ``_close`` shuts the
+      socket's write side without it, and trio's ``send_eof`` holds the socket's send guard
+      across a checkpoint: a response written at that moment (the app's answer to a request whose
+      client just half-closed, or hypercorn's own error answer) failed with BusyResourceError,
+      which in hypercorn's reader task ended the whole server.
+    """
+    from hypercorn.protocol import h11 as hypercorn_h11
+    from hypercorn.trio import tcp_server
+
+    protocol = hypercorn_h11.H11Protocol
+    if getattr(protocol._send_error_response, "gateway_coded", False):
+        return
+
+    async def send_error_response(self: Any, status_code: int) -> None:
+        error = _FRAMING_ERRORS.get(status_code, _MALFORMED)
+        body = framing_error_body(error)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        await self._send_h11_event(h11.Response(status_code=error.status, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+    send_error_response.gateway_coded = True  # type: ignore[attr-defined]
+    protocol._send_error_response = send_error_response  # type: ignore[method-assign]
+
+    unlocked_close = tcp_server.TCPServer._close
+
+    async def close(self: Any) -> None:
+        if self.send_lock.statistics().owner is trio.lowlevel.current_task():
+            await unlocked_close(self)  # closing from inside a send
+            return
+        async with self.send_lock:
+            await unlocked_close(self)
+
+    tcp_server.TCPServer._close = close  # type: ignore[method-assign]
+
+
 def asgi_app(config: Config, app: ASGIApp | None = None) -> ASGIApp:
     """The app as served: ``app`` (by default a new :func:`create_app`) behind hypercorn's proxy
     fix when ``server.trusted_hops`` > 0, so that the scope's client and scheme are the ones the
@@ -49,6 +131,7 @@ def asgi_app(config: Config, app: ASGIApp | None = None) -> ASGIApp:
 
 def hypercorn_config(config: Config, bind: str | None = None) -> HypercornConfig:
     """Hypercorn settings from ``server.hypercorn_config`` (validated) plus our own server keys."""
+    _harden_hypercorn()
     hc = HypercornConfig()
     if config.server.hypercorn_config:
         import tomllib
