@@ -169,7 +169,10 @@ async def test_live_paced_audio_gets_tentative_partials_about_every_second(
     ends = [u.tentative[-1].end for u in tentative]
     assert ends == sorted(ends)
     final = updates[-1]
-    assert final.committed[0].text.startswith("And Mr. John Dashwood") and final.tentative == ()
+    text = " ".join(s.text for s in final.committed)
+    reference = (DATA / "ps_librivox_0870.txt").read_text()
+    # Where the pauses fall between chunks depends on the machine's pace: allow a few words.
+    assert pooled_wer([(reference, text)]) <= 0.15 and final.tentative == ()
 
 
 async def test_same_bytes_same_text_whatever_ran_or_was_cancelled_before(
