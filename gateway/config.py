@@ -134,7 +134,7 @@ class WhisperConfig(_EngineBase, frozen=True, tag="whisper"):
     # Sessions decoding at once (the rest queue); 0 means the CPU count.
     workers: Annotated[int, msgspec.Meta(ge=0)] = 0
     # Threads one decode may use; 0 means the CPU count (see the engine's docstring).
-    cpu_threads: Annotated[int, msgspec.Meta(ge=0)] = 0
+    cpu_threads: Annotated[int, msgspec.Meta(ge=0)] = 1
     # Word timestamps (verbose_json "words"); they cost an alignment pass per chunk.
     word_timestamps: bool = True
     # Each chunk is decoded with the end of the text before it as its prompt.

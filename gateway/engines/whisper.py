@@ -22,14 +22,16 @@ stays near a direct whole-file decode).
 
 Threads and sharing
 -------------------
-All sessions share one loaded model. Up to ``workers`` sessions decode at once; the rest queue
-with visible positions. CTranslate2 releases the GIL while decoding and runs ``num_workers =
-workers`` decodes in parallel, each with ``cpu_threads`` OpenMP threads, over weights it loads
-once. Both default to the CPU count: a lone stream (the common case, and the first one a user
-sees) gets every core, and with as many streams as cores each decode's threads share the cores.
-On 2 cores that oversubscription costs little (bench/embedded.py measures it against one
-single-thread decode per core), while ``cpu_threads = 1`` would make a lone stream run at half
-speed.
+All sessions share one loaded model. Up to ``workers`` sessions (default: the CPU count) decode
+at once; the rest queue with visible positions. CTranslate2 releases the GIL while decoding and
+runs ``num_workers = workers`` decodes in parallel over weights it loads once, each with
+``cpu_threads`` threads. A lone stream would want every core and many streams one core each;
+measured on 2 cores with tiny.en (bench/embedded.py), one thread per decode serves both: a direct
+whole-file decode takes the same time with 1 thread as with 2 (beam search over a small model is
+bound by the decoder's step overhead, not by matrix maths that threads could share), while 2
+threads per decode oversubscribe the cores as soon as two streams run (4 concurrent streams:
+21.2 audio s per s with 2 threads, 25.3 with 1). So ``cpu_threads`` defaults to 1; raise it
+for larger models (small and up) when few streams run at once.
 
 A cancelled session (the client left) releases its admission slot at once: the worker thread is
 abandoned and stops at its next segment boundary, so at most one window's decode finishes
