@@ -35,6 +35,8 @@ bench: install
 	$(BIN)/python bench/longaudio.py
 	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/storm.py
+	$(BIN)/python bench/crash.py
+	$(BIN)/python bench/fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
