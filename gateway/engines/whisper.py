@@ -71,7 +71,7 @@ MAX_PENDING_CHUNKS = 2
 # The prompt is the end of the committed text: Whisper keeps at most 223 prompt tokens anyway.
 PROMPT_CHARS = 600
 # A chunk's decode stops once its text reaches within this many seconds of the chunk's last
-# speech window (see _decode).
+# speech window (see _decode_chunk).
 TAIL_SLACK = 0.3
 _SENTENCE_ENDS = (".", "?", "!", "\u3002", "\uff1f", "\uff01")  # and CJK full stops
 _ABBREVIATIONS = frozenset(
@@ -139,7 +139,7 @@ class _Decoded:
     language: str
 
 
-def _decode(
+def _decode_chunk(
     model: Any,
     audio: np.ndarray,
     offset: float,
@@ -308,7 +308,7 @@ class _WhisperSession(Session):
         try:
             return await anyio.to_thread.run_sync(
                 self._inflight.run,
-                lambda: _decode(
+                lambda: _decode_chunk(
                     self._model,
                     audio,
                     start / PCM_SAMPLE_RATE,
