@@ -250,9 +250,12 @@ class _MultipartSink:
         self._name = ""
         self._is_file = False
         self._buf: list[bytes] = []
+        # Set by the closing boundary: python-multipart's finalize() accepts a body cut short.
+        self.ended = False
 
     def callbacks(self) -> dict[str, Any]:
         return {
+            "on_end": self._end,
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field,
             "on_header_value": self._header_value,
@@ -303,6 +306,9 @@ class _MultipartSink:
             value = b"".join(self._buf).decode("utf-8", "replace")
             self.fields.setdefault(self._name, []).append(value)
 
+    def _end(self) -> None:
+        self.ended = True
+
 
 async def receive_upload(
     content_type: str,
@@ -347,6 +353,8 @@ async def receive_upload(
                 parser.finalize()
             except MultipartParseError as exc:
                 raise BadRequest(f"malformed multipart body: {exc}") from exc
+            if not sink.ended:
+                raise BadRequest("malformed multipart body: it ends before its closing boundary")
             if not sink.file_seen:
                 raise MissingFile("multipart body has no 'file' field")
             filename, file_type, fields = sink.filename, sink.content_type, sink.fields

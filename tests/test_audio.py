@@ -453,3 +453,39 @@ def test_past_too_many_damaged_packets_in_a_row_the_rest_is_given_up(
     decoder, pcm = _decode_all(path)
     assert len(pcm) / 32000 == pytest.approx(GOFORWARD_SECONDS, abs=0.1)
     assert decoder.errors == 1
+
+
+async def test_a_multipart_body_cut_before_its_closing_boundary_is_refused(
+    tmp_path: Path,
+) -> None:
+    # python-multipart's finalize() accepts a body that stops anywhere: the upload must not be
+    # taken for complete when its closing boundary never came (issue 13, 4).
+    audio = GOFORWARD.read_bytes()
+    ctype, body = multipart({"model": "whisper-1"}, audio)
+    end_of_file_data = body.index(audio) + len(audio)
+    with trio.fail_after(30):
+        for cut in (end_of_file_data, end_of_file_data + 2, len(body) - 5):
+            with pytest.raises(BadRequest, match="closing boundary") as info:
+                await receive_upload(
+                    ctype, None, chunks(body[:cut]), max_bytes=10**6, spool_dir=str(tmp_path)
+                )
+            assert info.value.code == "BAD_REQUEST"
+            assert list(tmp_path.iterdir()) == []
+        # Its closing CRLF is optional.
+        upload = await receive_upload(
+            ctype, None, chunks(body[:-2]), max_bytes=10**6, spool_dir=str(tmp_path)
+        )
+        assert upload.size == len(audio)
+        await upload.aclose()
+        async with (
+            run_gateway(_scripted_config(tmp_path / "gw")) as gw,
+            httpx.AsyncClient(base_url=gw.url, timeout=30) as c,
+        ):
+            for route, _ in UPLOAD_ROUTES:
+                r = await c.post(
+                    route, content=body[:end_of_file_data], headers={"content-type": ctype}
+                )
+                assert r.status_code == 400, (route, r.text)
+                error = r.json()
+                code = error["error"]["code"] if "error" in error else error["code"]
+                assert code.upper() == "BAD_REQUEST", (route, error)
