@@ -1,10 +1,11 @@
 """asr-gateway: one robust HTTP/SSE front door for speech recognisers."""
 
-from .app import GatewayState, create_app
+from .app import create_app
 from .config import Config, load_config
 from .engines import Engine, Session, SessionOptions
 from .errors import ConfigError, GatewayError
 from .events import Done, EngineUpdate, Failed, Progress, Queued, Segment, Transcript, Word
+from .jobs import GatewayState
 
 __all__ = [
     "Config",

@@ -1,12 +1,15 @@
 """The Starlette application: front API routes, health, readiness and metrics, and the lifespan
-that opens the store and the engines and closes them again."""
+that opens the store and the engines and closes them again.
+
+The app is the top of the import graph: it assembles the fronts (``gateway.api``), the auth
+middleware and the job state (:mod:`gateway.jobs`); nothing below imports it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import anyio
 import msgspec
@@ -21,74 +24,34 @@ from starlette.types import Receive, Scope, Send
 
 from . import metrics, openapi
 from .api import aymurai, native, openai_compat
-from .auth import AuthMiddleware, KeyRing, TenantStreams, error_response_for
+from .api.common import ErrorResponder
+from .auth import AuthMiddleware, KeyRing
 from .config import Config
-from .engines import Engine, build_engine
-from .errors import (
-    BadRequest,
-    ClientDisconnected,
-    GatewayError,
-    MethodNotAllowed,
-    NotFound,
-    UnknownEngine,
-)
+from .engines import build_engine
+from .errors import BadRequest, ClientDisconnected, GatewayError, MethodNotAllowed, NotFound
+from .jobs import GatewayState
 from .logs import RequestLogMiddleware, current_request
-from .pipeline import StopSignal
-from .store import Store, open_store
+from .store import open_store
 
-__all__ = ["GatewayState", "create_app"]
+__all__ = ["create_app", "error_response_for"]
 
 log = logging.getLogger("gateway")
 _json = msgspec.json.Encoder()
 
 
-@dataclass(eq=False)
-class GatewayState:
-    """What the app holds while it runs: the store, the engines and the drain state.
+# The paths each front API owns besides the native one, which answers all others (health too).
+_FRONT_ERRORS: tuple[tuple[tuple[str, ...], ErrorResponder], ...] = (
+    (("/v1/audio/", "/v1/models"), openai_compat.error_response),
+    (("/asr/",), aymurai.error_response),
+)
 
-    Shutdown is two steps (see :func:`gateway.server.serve`): :meth:`drain` makes /readyz fail and
-    refuses new jobs while in-flight ones continue; :meth:`stop_jobs` then ends those still running
-    with SHUTTING_DOWN.
-    """
 
-    config: Config
-    store: Store
-    engines: dict[str, Engine] = field(default_factory=dict)
-    draining: bool = False
-    stop: StopSignal = field(default_factory=StopSignal)
-    active_jobs: int = 0
-    _idle: anyio.Event = field(default_factory=anyio.Event)
-    # Concurrent streams per tenant (auth.max_streams_per_tenant).
-    tenant_streams: TenantStreams = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.tenant_streams = TenantStreams(self.config.auth.max_streams_per_tenant)
-
-    def drain(self) -> None:
-        self.draining = True
-
-    def stop_jobs(self) -> None:
-        self.stop.set()
-
-    def job_started(self) -> None:
-        if self.active_jobs == 0:
-            self._idle = anyio.Event()
-        self.active_jobs += 1
-
-    def job_ended(self) -> None:
-        self.active_jobs -= 1
-        if self.active_jobs == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        if self.active_jobs:
-            await self._idle.wait()
-
-    def engine(self, name: str) -> Engine:
-        try:
-            return self.engines[name or self.config.server.default_engine]
-        except KeyError:
-            raise UnknownEngine(f"unknown engine {name!r}") from None
+def error_response_for(path: str, exc: GatewayError) -> Response:
+    """``exc`` in the error shape of the front API that owns ``path`` (native by default)."""
+    for prefixes, error_response in _FRONT_ERRORS:
+        if path.startswith(prefixes):
+            return error_response(exc)
+    return native.error_response(exc)
 
 
 async def healthz(request: Request) -> Response:
@@ -192,7 +155,12 @@ def create_app(config: Config) -> Starlette:
     if config.auth.keys_file:
         keys = KeyRing(config.auth.keys_file)
         middleware.append(
-            Middleware(AuthMiddleware, keys=keys, protect_metrics=config.auth.protect_metrics)
+            Middleware(
+                AuthMiddleware,
+                keys=keys,
+                error_response=error_response_for,
+                protect_metrics=config.auth.protect_metrics,
+            )
         )
     return Starlette(
         routes=routes,

@@ -1,5 +1,4 @@
-"""API keys, one tenant per key: the keys file, its management, the auth middleware and the
-per-tenant stream limit.
+"""API keys, one tenant per key: the keys file, its management and the auth middleware.
 
 A key reads ``gw_<id>_<secret>``: ``<id>`` is 16 hex digits, ``<secret>`` 43 url-safe characters
 (``secrets.token_urlsafe(32)``, 256 bits). The id selects the one record to check, so a request
@@ -13,6 +12,10 @@ on one core), compared with :func:`hmac.compare_digest`. Secrets are never store
 the file atomically (temporary file + ``os.replace``, mode 0600) under an advisory lock; the
 gateway stats the file on every request and reloads it when it changed, so a revocation takes
 effect on the next request without a restart.
+
+The middleware answers a refused request in the error shape of the front API it was meant for,
+through the responder the app gives it: this module must never import a front API, the app,
+the jobs or the pipeline (``gateway keys`` loads none of them).
 """
 
 from __future__ import annotations
@@ -37,17 +40,16 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import ConfigError, GatewayError, TooManyStreams, Unauthorized
+from .errors import ConfigError, GatewayError, Unauthorized
 from .logs import current_request
 
 __all__ = [
     "KEY_PREFIX",
     "AuthMiddleware",
+    "ErrorResponderFor",
     "KeyRecord",
     "KeyRing",
-    "TenantStreams",
     "add_key",
-    "error_response_for",
     "list_keys",
     "revoke_key",
 ]
@@ -63,8 +65,6 @@ CACHE_SIZE = 1024
 CACHE_SECONDS = 60.0
 # Two concurrent hashes at most (16 MiB each): a flood of wrong secrets costs bounded CPU and memory.
 _HASH_LIMITER_TOKENS = 2
-# A client over its tenant's stream limit is told to retry after this many seconds.
-RETRY_AFTER_SECONDS = 5.0
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 _KEY_RE = re.compile(r"gw_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
@@ -235,48 +235,8 @@ class KeyRing:
         return record.tenant
 
 
-class TenantStreams:
-    """Concurrent transcriptions per tenant; ``limit`` 0 means unlimited."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active: dict[str, int] = {}
-
-    def acquire(self, tenant: str) -> Callable[[], None]:
-        """Take a slot or raise :class:`TooManyStreams`; returns the release, safe to call twice."""
-        count = self.active.get(tenant, 0)
-        if self.limit and count >= self.limit:
-            raise TooManyStreams(
-                f"tenant has {count} streams running, the limit is {self.limit}",
-                retry_after=RETRY_AFTER_SECONDS,
-            )
-        self.active[tenant] = count + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            left = self.active[tenant] - 1
-            if left:
-                self.active[tenant] = left
-            else:
-                del self.active[tenant]
-
-        return release
-
-
-def error_response_for(path: str, exc: GatewayError) -> Response:
-    """``exc`` in the error shape of the front API that owns ``path`` (native by default)."""
-    # Imported here: `gateway keys` needs this module but none of the web stack.
-    from .api import aymurai, native, openai_compat
-
-    if path.startswith(("/v1/audio/", "/v1/models")):
-        return openai_compat.error_response(exc)
-    if path.startswith("/asr/"):
-        return aymurai.error_response(exc)
-    return native.error_response(exc)
+#: ``exc`` as the answer to a request for ``path``, in the error shape of the API owning it.
+ErrorResponderFor = Callable[[str, GatewayError], Response]
 
 
 def _bearer(headers: Headers) -> str | None:
@@ -286,11 +246,20 @@ def _bearer(headers: Headers) -> str | None:
 
 class AuthMiddleware:
     """Requires ``Authorization: Bearer <key>`` on every route but health, readiness and (unless
-    protected) metrics, and puts the key's tenant in ``scope["state"]["tenant"]``."""
+    protected) metrics, and puts the key's tenant in ``scope["state"]["tenant"]``; a refusal is
+    answered by ``error_response`` in the shape of the API the path belongs to."""
 
-    def __init__(self, app: ASGIApp, keys: KeyRing, *, protect_metrics: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyRing,
+        *,
+        error_response: ErrorResponderFor,
+        protect_metrics: bool = False,
+    ) -> None:
         self.app = app
         self.keys = keys
+        self.error_response = error_response
         self.open_paths = OPEN_PATHS if protect_metrics else OPEN_PATHS | {"/metrics"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -306,7 +275,7 @@ class AuthMiddleware:
         except Unauthorized as exc:
             if (entry := current_request()) is not None:
                 entry.outcome = exc.code
-            response = error_response_for(scope["path"], exc)
+            response = self.error_response(scope["path"], exc)
             response.headers["WWW-Authenticate"] = (
                 'Bearer error="invalid_token"' if key is not None else "Bearer"
             )

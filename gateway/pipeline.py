@@ -2,44 +2,53 @@
 
 ::
 
-    spool file ─► decoder ─(pcm channel)─► sender ─► engine session ─► receiver ─► Outbox ─► SSE writer
-    (thread steps)          bounded          send_audio()              results()    conflating
+    audio source ─(pcm channel)─► sender ─► engine session ─► receiver ─► Outbox ─► SSE writer
+    feed()          bounded        send_audio()              results()    conflating
 
-The decoder and the sender are connected by a bounded memory object stream, so the decoder only
-runs ahead of the engine by :data:`PCM_CHANNEL_CAPACITY` chunks. The receiver never waits for the
-client: it hands each snapshot to an :class:`Outbox`, which keeps only the latest one, so a slow
-SSE reader gets the newest transcript while the engine keeps being read. The first task to fail
-cancels the rest; a client that leaves cancels the whole group, which closes the engine session.
+The audio source (:mod:`gateway.sources`: the spooled upload, decoded a thread step at a time)
+and the sender are connected by a bounded memory object stream, so the source only runs ahead of
+the engine by :data:`PCM_CHANNEL_CAPACITY` chunks. The receiver never waits for the client: it
+hands each snapshot to an :class:`Outbox`, which keeps only the latest one, so a slow SSE reader
+gets the newest transcript while the engine keeps being read. The first task to fail cancels the
+rest; a client that leaves cancels the whole group, which closes the engine session.
 
 Only a complete transcript (the engine's final update after all audio was sent) is stored.
+
+:func:`attend` is the request's one task group: the job, its keepalive and whoever consumes its
+events (an SSE writer, or a client waiting for one answer).
+
+This module must never import the jobs module (:mod:`gateway.jobs`), the app or a front API:
+they call it, never the other way round.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 
 from . import metrics
 from .admission import Ticket
-from .audio import PcmDecoder, Upload
 from .engines.base import PCM_BYTES_PER_SECOND, Engine, Session, SessionOptions
 from .errors import GatewayError, ShuttingDown, Timeout, UpstreamError, collapse_groups
 from .events import Done, EngineUpdate, Failed, Progress, Queued, StreamEvent, Transcript
-from .store import Store, StoredTranscript
+from .sources import AudioSource
+from .store import Store
 
 __all__ = [
     "CHUNK_BYTES",
+    "KEEPALIVE",
     "PCM_CHANNEL_CAPACITY",
     "QUEUED_EXACT",
     "QUEUED_INTERVAL",
     "Job",
     "Outbox",
     "StopSignal",
-    "cached_result",
+    "attend",
     "keepalive",
     "run_job",
 ]
@@ -50,10 +59,6 @@ log = logging.getLogger("gateway.pipeline")
 CHUNK_BYTES = PCM_BYTES_PER_SECOND // 5
 # Chunks decoded ahead of the engine: 8 x 6.4 KB = 51 KiB of PCM per stream, whatever the file.
 PCM_CHANNEL_CAPACITY = 8
-# One decoder step on a worker thread produces at most 1 s of audio, so cancellation waits < 1 step.
-DECODE_STEP_BYTES = PCM_BYTES_PER_SECOND
-# Encoded-mode engines get the original upload in pieces of this size.
-RAW_CHUNK_BYTES = 16 * 1024
 
 
 # Queue positions up to this one are sent as soon as they change; later ones at most once per
@@ -177,33 +182,16 @@ async def keepalive(outbox: Outbox, interval: float) -> None:
             await outbox.wait_sent()
 
 
-def cached_result(stored: StoredTranscript | None, engine: str, language: str) -> Done | None:
-    """The ``done`` a stored transcript answers a request with, or None if it may not.
-
-    A human-corrected transcript is served whatever engine made it; a machine one only to requests
-    for the same engine and language, and never when it is empty.
-    """
-    if stored is None:
-        return None
-    if stored.corrected is None and (stored.engine != engine or stored.language != language):
-        return None
-    cached = stored.transcript(corrections=True)
-    if not cached.text:
-        return None
-    return Done(cached, cached=True, corrected=stored.corrected is not None)
-
-
 @dataclass(eq=False, kw_only=True)
 class Job:
     """Everything one transcription needs, settled before the stream starts.
 
-    A job answered from the cache has ``cached`` set and no decoder: it was found before the
-    audio was probed, and it needs no engine session. Any other job holds a ``ticket``: its place
-    at the engine's admission, reserved before the stream started.
+    A job answered from the cache has ``cached`` set: it was found before its audio source was
+    opened, and it needs no engine session. Any other job holds a ``ticket``: its place at the
+    engine's admission, reserved before the stream started.
     """
 
-    upload: Upload
-    decoder: PcmDecoder | None
+    source: AudioSource
     engine: Engine
     store: Store
     cached: Done | None = None
@@ -227,7 +215,7 @@ class Job:
         if self.total_time is not None:
             current = min(current, self.total_time)
         return Transcript(
-            id=self.upload.id,
+            id=self.source.id,
             segments=segments,
             committed=len(update.committed),
             current_time=round(current, 3),
@@ -238,39 +226,28 @@ class Job:
         )
 
     async def aclose(self) -> None:
-        """Release the admission ticket, the decoder and the spool file. Idempotent; safe when
-        cancelled."""
+        """Release the admission ticket and the audio source. Idempotent; safe when cancelled."""
         with anyio.CancelScope(shield=True):
             callbacks, self.on_close = self.on_close, []
             try:
                 if self.ticket is not None:
                     await self.ticket.release()
-                # Usually released already, at the end of the audio: no thread hand-off then.
-                if self.decoder is not None and self.decoder.is_open:
-                    await anyio.to_thread.run_sync(self.decoder.close)
-                await self.upload.aclose()
+                await self.source.aclose()
             finally:
                 for callback in callbacks:
                     callback()
 
 
-async def _decode_pcm(job: Job, out: anyio.abc.ObjectSendStream[bytes]) -> None:
-    assert job.decoder is not None
+async def _feed(job: Job, out: anyio.abc.ObjectSendStream[bytes], *, encoded: bool) -> None:
+    async def send_pcm(pcm: bytes) -> None:
+        for i in range(0, len(pcm), CHUNK_BYTES):
+            await out.send(pcm[i : i + CHUNK_BYTES])
+
     async with out:
-        while True:
-            pcm = await anyio.to_thread.run_sync(job.decoder.read, DECODE_STEP_BYTES)
-            if not pcm:
-                # The length is what decoded, not what the container claimed (issue 13, 7.6).
-                job.total_time = round(job.decoder.seconds, 3)
-                return
-            for i in range(0, len(pcm), CHUNK_BYTES):
-                await out.send(pcm[i : i + CHUNK_BYTES])
-
-
-async def _read_raw(job: Job, out: anyio.abc.ObjectSendStream[bytes]) -> None:
-    async with out, await anyio.open_file(job.upload.path, "rb") as f:
-        while chunk := await f.read(RAW_CHUNK_BYTES):
-            await out.send(chunk)
+        seconds = await job.source.feed(out.send if encoded else send_pcm, encoded=encoded)
+        # Set before the channel closes: the final snapshot, sent after it, is clamped to it.
+        if seconds is not None:
+            job.total_time = seconds
 
 
 async def _send(
@@ -303,10 +280,10 @@ async def _receive(job: Job, session: Session, outbox: Outbox, state: _RunState)
 
 
 def _queued(job: Job, outbox: Outbox, position: int) -> None:
-    # A queued job may wait for minutes: it keeps its spooled file, not an open decoder. The
-    # ticket reports only before it is granted, so no decode step is running.
-    if job.decoder is not None:
-        job.decoder.suspend()
+    # A queued job may wait for minutes: its source keeps only what it cannot make again (the
+    # spooled file, not an open decoder). The ticket reports only before it is granted, so the
+    # source is not feeding yet.
+    job.source.suspend()
     outbox.put(Queued(position))
 
 
@@ -315,8 +292,8 @@ async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
     options = SessionOptions(
         language=job.language,
         total_time=job.total_time,
-        content_type=job.upload.content_type,
-        filename=job.upload.filename,
+        content_type=job.source.content_type,
+        filename=job.source.filename,
     )
     if job.ticket is None:
         job.ticket = engine.admission.reserve()
@@ -330,8 +307,8 @@ async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
             with collapse_groups():
                 async with anyio.create_task_group() as tg:
                     send, recv = anyio.create_memory_object_stream[bytes](PCM_CHANNEL_CAPACITY)
-                    producer = _read_raw if session.audio_format == "encoded" else _decode_pcm
-                    tg.start_soon(producer, job, send)
+                    encoded = session.audio_format == "encoded"
+                    tg.start_soon(partial(_feed, job, send, encoded=encoded))
                     tg.start_soon(_send, session, recv, state)
                     await _receive(job, session, outbox, state)
                     # The final update has arrived: whatever still runs is no longer needed.
@@ -407,14 +384,13 @@ async def run_job(job: Job, outbox: Outbox) -> None:
         duration = transcript.total_time or transcript.current_time
         if math.isfinite(duration):
             metrics.AUDIO_SECONDS.labels(engine).inc(duration)
-        errors = job.decoder.errors if job.decoder is not None else 0
-        outbox.put(Done(transcript, cached=False, audio_errors=errors))
+        outbox.put(Done(transcript, cached=False, audio_errors=job.source.errors))
         outcome = "OK"
     except GatewayError as exc:
         outcome = exc.code
         outbox.put(Failed(exc.code, exc.detail))
     except Exception:
-        log.exception("transcription %s failed", job.upload.id)
+        log.exception("transcription %s failed", job.source.id)
         outcome = "INTERNAL_ERROR"
         outbox.put(Failed("INTERNAL_ERROR", "internal error"))
     finally:
@@ -422,3 +398,38 @@ async def run_job(job: Job, outbox: Outbox) -> None:
         metrics.STREAM_OUTCOMES.labels(engine, outcome).inc()
         if job.on_outcome is not None:
             job.on_outcome(outcome)
+
+
+async def attend(
+    job: Job,
+    consume: Callable[[Outbox], Awaitable[None]],
+    *,
+    keepalive_interval: float = 0.0,
+    ends_with_job: bool = False,
+) -> Done | Failed | None:
+    """Run ``job`` while ``consume`` takes its events, in one task group that lives exactly as
+    long as the request; always closes the job.
+
+    The group ends when ``consume`` returns: an SSE writer after writing the final event, or as
+    soon as its client leaves, which cancels the job and so closes its engine session. With
+    ``ends_with_job`` the job's final event ends it too (a client waiting for one answer, whose
+    ``consume`` only watches for its departure). Returns the final event, or None when the job
+    was cancelled first.
+    """
+    outbox = Outbox()
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                await run_job(job, outbox)
+                if ends_with_job:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(run)
+            if keepalive_interval > 0:
+                tg.start_soon(keepalive, outbox, keepalive_interval)
+            await consume(outbox)
+            tg.cancel_scope.cancel()
+    finally:
+        await job.aclose()
+    return outbox.final

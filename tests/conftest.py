@@ -22,8 +22,9 @@ from hypercorn.trio import serve as hypercorn_serve
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gateway.app import GatewayState, create_app
+from gateway.app import create_app
 from gateway.config import Config
+from gateway.jobs import GatewayState
 from gateway.server import asgi_app, hypercorn_config
 
 

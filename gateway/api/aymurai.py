@@ -20,34 +20,25 @@ import re
 import uuid
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from ..audio import Upload
 from ..errors import GatewayError, InvalidBody, NotFound, status_of
 from ..events import MAX_SECONDS, Done, Failed, Progress, Segment, StreamEvent, join_text
-from ..pipeline import Job
+from ..jobs import GatewayState, JobOptions
 from ..store import content_uuid
 from .common import (
-    MAX_JSON_BYTES,
-    JobOptions,
-    failure_error,
+    Transcribe,
     gateway_state,
     option,
     parse_bool,
-    read_body,
-    receive_job,
-    serve_job,
+    read_json_body,
     tenant_of,
 )
-
-if TYPE_CHECKING:
-    from ..app import GatewayState
 
 __all__ = [
     "INTERNAL_ERROR",
@@ -250,48 +241,32 @@ def _json(payload: object) -> Response:
     return Response(_encoder.encode(payload), media_type="application/json")
 
 
-async def _job(request: Request) -> tuple[GatewayState, Job]:
+def _check_query(request: Request, state: GatewayState) -> None:
     # A bad query fails before the upload is read; a form field is checked after.
     parse_bool("use_cache", request.query_params.get("use_cache", ""), True)
 
-    def parse(state: GatewayState, upload: Upload) -> JobOptions:
-        return JobOptions(
-            engine=state.config.aymurai.engine,
-            use_cache=parse_bool("use_cache", option(request, upload, "use_cache"), True),
-        )
 
-    state, job, _ = await receive_job(request, parse)
-    return state, job
+def _options(request: Request, state: GatewayState, upload: Upload) -> JobOptions:
+    return JobOptions(
+        engine=state.engine(state.config.aymurai.engine),
+        use_cache=parse_bool("use_cache", option(request, upload, "use_cache"), True),
+    )
 
 
-class _Transcribe:
-    """``POST /asr/transcribe/stream`` (SSE) and the deprecated blocking ``POST /asr/transcribe``."""
-
-    def __init__(self, streaming: bool) -> None:
-        self.streaming = streaming
-
-    async def __call__(self, scope: Scope, receive_: Receive, send: Send) -> None:
-        request = Request(scope, receive_)
-        try:
-            state, job = await _job(request)
-        except GatewayError as exc:
-            await error_response(exc)(scope, receive_, send)
-            return
-        await serve_job(
-            scope,
-            receive_,
-            send,
-            job,
-            translator=AymurAITranslator() if self.streaming else None,
-            keepalive=state.config.server.keepalive,
-            answer=_answer,
-        )
+def _answer(done: Done, options: JobOptions) -> Response:
+    return _json(_done_document(done))
 
 
-def _answer(result: Done | Failed) -> Response:
-    if isinstance(result, Failed):
-        return error_response(failure_error(result))
-    return _json(_done_document(result))
+# ``POST /asr/transcribe/stream`` (SSE); its blocking form is the deprecated ``/asr/transcribe``.
+_transcribe_stream = Transcribe(
+    check_query=_check_query,
+    parse=_options,
+    translator=lambda state, options: AymurAITranslator(),
+    answer=_answer,
+    error_response=error_response,
+    # AymurAI's INTERNAL_ERROR, not UPSTREAM_SERVICE_ERROR, for a code of no fixed status.
+    failure_status=500,
+)
 
 
 async def _find(request: Request) -> tuple[GatewayState, str]:
@@ -337,12 +312,7 @@ async def post_validation(request: Request) -> Response:
     """Store human-validated paragraphs; cache hits and GETs return them from now on."""
     try:
         state, id = await _find(request)
-        try:
-            paragraphs = _validation.decode(await read_body(request, MAX_JSON_BYTES))
-        except msgspec.ValidationError as exc:
-            raise InvalidBody(f"invalid validation: {exc}") from exc
-        except msgspec.DecodeError as exc:
-            raise InvalidBody(f"the body is not JSON: {exc}") from exc
+        paragraphs = await read_json_body(request, _validation, "validation")
         segments = _segments(paragraphs)
         if not await state.store.set_corrections(id, segments, tenant_of(request)):
             raise NotFound("no document with this document_id")
@@ -353,8 +323,8 @@ async def post_validation(request: Request) -> Response:
 
 def routes() -> list[Route]:
     return [
-        Route("/asr/transcribe/stream", _Transcribe(streaming=True), methods=["POST"]),
-        Route("/asr/transcribe", _Transcribe(streaming=False), methods=["POST"]),
+        Route("/asr/transcribe/stream", _transcribe_stream, methods=["POST"]),
+        Route("/asr/transcribe", _transcribe_stream.blocking(), methods=["POST"]),
         Route("/asr/validation/document/{document_id}", get_validation, methods=["GET"]),
         Route("/asr/validation/document/{document_id}", post_validation, methods=["POST"]),
     ]

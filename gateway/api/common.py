@@ -1,68 +1,74 @@
-"""What every front API shares: turning a request into a :class:`~gateway.pipeline.Job`, and
-serving a job (:func:`serve_job`) as an SSE stream or as one final result.
+"""What every front API shares: reading requests (bodies, options, JSON), and the one endpoint
+type for their transcription routes, :class:`Transcribe`, which serves a prepared job as an SSE
+stream or as one final answer.
 
-A front API supplies a :class:`Translator` (typed events to wire frames) and its own error shape;
-the pipeline, the store and the engines are the same for all of them.
+A front API supplies what differs: its option parser, a :class:`Translator` (typed events to
+wire frames), its final answer and its error responder. Preparing the job is
+:func:`gateway.jobs.prepare_job`'s, running it :func:`gateway.pipeline.attend`'s.
+
+Front modules import this one, never each other; this module must never import a front, the
+app or the auth middleware.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Generic, Protocol, TypeVar
 
 import anyio
+import msgspec
 from sse_starlette import EventSourceResponse
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ..admission import Ticket
-from ..audio import MULTIPART_OVERHEAD, PcmDecoder, Upload, open_decoder, receive_upload
+from ..audio import MULTIPART_OVERHEAD, Upload, receive_upload
 from ..errors import (
     ClientDisconnected,
     DecodeError,
     GatewayError,
+    InvalidBody,
     InvalidOption,
     PayloadTooLarge,
     RequestTimeout,
-    ShuttingDown,
-    UnknownEngine,
-    UpstreamUnavailable,
     status_of,
 )
 from ..events import Done, Failed, StreamEvent
-from ..logs import current_request
-from ..pipeline import KEEPALIVE, Job, Outbox, cached_result, keepalive, run_job
-
-if TYPE_CHECKING:
-    from ..app import GatewayState
+from ..jobs import GatewayState, JobOptions, prepare_job
+from ..pipeline import KEEPALIVE, Job, Outbox, attend
+from ..sources import SpooledUpload
 
 __all__ = [
     "MAX_JSON_BYTES",
     "SSE_HEADERS",
-    "JobOptions",
+    "ErrorResponder",
+    "SSEStream",
+    "Transcribe",
     "Translator",
     "body_chunks",
     "failure_error",
     "gateway_state",
+    "option",
     "parse_bool",
-    "prepare_job",
     "read_body",
-    "receive_job",
-    "serve_job",
+    "read_json_body",
     "tenant_of",
 ]
-
-log = logging.getLogger("gateway.api")
 
 # A JSON body (corrections, a validation) is a list of segments: 1 MiB holds hours of text.
 MAX_JSON_BYTES = 1024 * 1024
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+#: A front API's error shape: a GatewayError as that API's JSON response.
+ErrorResponder = Callable[[GatewayError], Response]
+
+OptionsT = TypeVar("OptionsT", bound=JobOptions)
+T = TypeVar("T")
 
 
 class Translator(Protocol):
@@ -75,41 +81,6 @@ class Translator(Protocol):
 def gateway_state(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gateway
     return state
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    """What a front API reads from a request to set up a job."""
-
-    engine: str
-    language: str = ""
-    use_cache: bool = True
-
-
-OptionsT = TypeVar("OptionsT", bound=JobOptions)
-
-
-async def receive_job(
-    request: Request, parse: Callable[[GatewayState, Upload], OptionsT]
-) -> tuple[GatewayState, Job, OptionsT]:
-    """Receive the upload, read the API's options from it (``parse``), and prepare the job; any
-    failure closes the upload and is a GatewayError before the stream starts."""
-    state = gateway_state(request)
-    upload = await receive(request, state)
-    try:
-        options = parse(state, upload)
-    except BaseException:
-        await upload.aclose()
-        raise
-    job = await prepare_job(
-        state,
-        upload,
-        engine_name=options.engine,
-        language=options.language,
-        use_cache=options.use_cache,
-        tenant=tenant_of(request),
-    )
-    return state, job, options
 
 
 def tenant_of(request: Request) -> str:
@@ -127,6 +98,13 @@ def parse_bool(name: str, value: str, default: bool) -> bool:
     if v in _FALSE:
         return False
     raise InvalidOption(f"{name} must be true or false, got {value!r}")
+
+
+def option(request: Request, upload: Upload | None, name: str, default: str = "") -> str:
+    """A request option: the form field of that name when the upload has one, else the query's."""
+    if upload is not None and name in upload.fields:
+        return upload.field(name)
+    return request.query_params.get(name, default)
 
 
 async def body_chunks(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
@@ -169,7 +147,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def receive(request: Request, state: GatewayState) -> Upload:
+async def read_json_body(request: Request, decoder: msgspec.json.Decoder[T], what: str) -> T:
+    """A JSON body of at most :data:`MAX_JSON_BYTES`, decoded and validated by ``decoder``;
+    InvalidBody (saying it is not JSON, or what about ``what`` is invalid) otherwise."""
+    try:
+        return decoder.decode(await read_body(request, MAX_JSON_BYTES))
+    except msgspec.ValidationError as exc:
+        raise InvalidBody(f"invalid {what}: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidBody(f"the body is not JSON: {exc}") from exc
+
+
+async def _receive_upload(request: Request, state: GatewayState) -> Upload:
     length = request.headers.get("content-length")
     max_bytes = state.config.server.max_upload_bytes
     return await receive_upload(
@@ -181,94 +170,25 @@ async def receive(request: Request, state: GatewayState) -> Upload:
     )
 
 
-def option(request: Request, upload: Upload | None, name: str, default: str = "") -> str:
-    if upload is not None and name in upload.fields:
-        return upload.field(name)
-    return request.query_params.get(name, default)
+def failure_error(failed: Failed, default_status: int = 500) -> GatewayError:
+    """A failure after the job started, as the error a blocking endpoint answers with.
 
-
-async def prepare_job(
-    state: GatewayState,
-    upload: Upload,
-    *,
-    engine_name: str,
-    language: str,
-    use_cache: bool,
-    tenant: str = "",
-) -> Job:
-    """Check the engine, look the upload up in the cache and, on a miss, reserve the job's place
-    at the engine's admission and probe the audio; every failure here is a 4xx/5xx before the
-    stream.
-
-    The reservation is one synchronous step (see :meth:`~gateway.admission.Admission.reserve`):
-    a job either holds a place (running or queued) before its 200, or is refused with 503
-    CAPACITY_EXHAUSTED and Retry-After, whatever the engine. A cache hit needs no engine
-    session, so it is served even when the engine is at capacity or unreachable, and without
-    opening the audio.
-    """
-    entry = current_request()
-    release: Callable[[], None] | None = None
-    ticket: Ticket | None = None
-    decoder: PcmDecoder | None = None
-    cached: Done | None = None
-    try:
-        if state.draining:
-            raise ShuttingDown("the gateway is shutting down", retry_after=1)
-        release = state.tenant_streams.acquire(tenant)
-        engine = state.engine(engine_name)
-        language = engine.resolve_language(language)
-        if use_cache:
-            stored = await state.store.get(upload.id, tenant)
-            cached = cached_result(stored, engine.name, language)
-        if cached is None:
-            ticket = engine.admission.reserve()
-            reason = await engine.readiness()
-            if reason is not None:
-                raise UpstreamUnavailable(reason)
-            decoder = await anyio.to_thread.run_sync(open_decoder, upload.path)
-    except BaseException as exc:
-        if release is not None:
-            release()
-        if entry is not None and isinstance(exc, GatewayError):
-            entry.outcome = exc.code
-        if ticket is not None:
-            await ticket.release()
-        await upload.aclose()
-        raise
-    total_time = decoder.duration if decoder is not None else None
-    if cached is not None:
-        total_time = cached.transcript.total_time
-    state.job_started()
-    if entry is not None:
-        entry.engine, entry.audio_seconds = engine.name, total_time
-    return Job(
-        upload=upload,
-        decoder=decoder,
-        cached=cached,
-        ticket=ticket,
-        engine=engine,
-        store=state.store,
-        language=language,
-        tenant=tenant,
-        total_time=total_time,
-        max_seconds=state.config.server.max_session_seconds,
-        stop=state.stop,
-        on_close=[state.job_ended, release],
-        on_outcome=entry.set_outcome if entry is not None else None,
+    The probe passed before the job started, so audio that fails to decode later is bad content
+    (422), not a bad type (415)."""
+    error = GatewayError(failed.detail)
+    error.code = failed.code
+    error.status = (
+        422 if failed.code == DecodeError.code else status_of(failed.code, default_status)
     )
-
-
-def check_engine(state: GatewayState, name: str) -> None:
-    if name and name not in state.engines:
-        raise UnknownEngine(f"unknown engine {name!r}; configured: {', '.join(state.engines)}")
+    return error
 
 
 class SSEStream:
     """An ASGI response that runs a job and streams its events through a translator.
 
-    The pipeline, the keepalive and sse-starlette's writer share one task group that lives exactly
-    as long as the response: when the client leaves, sse-starlette returns and the group is
-    cancelled, which closes the engine session.
+    The job, the keepalive and sse-starlette's writer share the request's one task group
+    (:func:`~gateway.pipeline.attend`): when the client leaves, sse-starlette returns and the
+    group is cancelled, which closes the engine session.
     """
 
     def __init__(
@@ -306,70 +226,77 @@ class SSEStream:
                 outbox.mark_sent()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        outbox = Outbox()
-        response = EventSourceResponse(self._frames(outbox), ping=0, headers=self.headers)
+        async def write(outbox: Outbox) -> None:
+            response = EventSourceResponse(self._frames(outbox), ping=0, headers=self.headers)
+            await response(scope, receive, send)
+
+        await attend(self.job, write, keepalive_interval=self.keepalive)
+
+
+def _no_stream(state: GatewayState, options: JobOptions) -> None:
+    return None
+
+
+async def _until_disconnect(receive: Receive, outbox: Outbox) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Transcribe(Generic[OptionsT]):
+    """A front API's transcription route, as a plain ASGI endpoint.
+
+    Receives the upload, reads the front's options from it (``parse``, after ``check_query``, which
+    may refuse a bad query before the body is read), prepares the job and serves it: as an SSE
+    stream when ``translator`` gives one for these options, else as the one response ``answer``
+    makes of ``done``. Every failure before the stream, and a blocking job's failure (with
+    ``failure_status`` for codes of no fixed status), is answered by ``error_response``; a client
+    that left first gets nothing.
+    """
+
+    parse: Callable[[Request, GatewayState, Upload], OptionsT]
+    translator: Callable[[GatewayState, OptionsT], Translator | None]
+    answer: Callable[[Done, OptionsT], Response]
+    error_response: ErrorResponder
+    check_query: Callable[[Request, GatewayState], object] | None = None
+    failure_status: int = 502
+
+    def blocking(self) -> Transcribe[OptionsT]:
+        """The same route answering once, at the end, instead of streaming."""
+        return replace(self, translator=_no_stream)
+
+    async def _prepare(self, request: Request, state: GatewayState) -> tuple[Job, OptionsT]:
+        if self.check_query is not None:
+            self.check_query(request, state)
+        upload = await _receive_upload(request, state)
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run_job, self.job, outbox)
-                if self.keepalive > 0:
-                    tg.start_soon(keepalive, outbox, self.keepalive)
-                await response(scope, receive, send)
-                tg.cancel_scope.cancel()
-        finally:
-            await self.job.aclose()
+            options = self.parse(request, state, upload)
+        except BaseException:
+            await upload.aclose()
+            raise
+        job = await prepare_job(state, SpooledUpload(upload), options, tenant=tenant_of(request))
+        return job, options
 
-
-async def run_to_end(job: Job, receive: Receive) -> Done | Failed | None:
-    """Run a job to its final event; ``None`` if the client left first (the job is cancelled)."""
-    outbox = Outbox()
-    result: Done | Failed | None = None
-    try:
-        async with anyio.create_task_group() as tg:
-
-            async def watch_disconnect() -> None:
-                while True:
-                    message: Message = await receive()
-                    if message["type"] == "http.disconnect":
-                        tg.cancel_scope.cancel()
-                        return
-
-            tg.start_soon(watch_disconnect)
-            await run_job(job, outbox)
-            result = outbox.final
-            tg.cancel_scope.cancel()
-    finally:
-        await job.aclose()
-    return result
-
-
-def failure_error(failed: Failed, default_status: int = 500) -> GatewayError:
-    """A failure after the job started, as the error a blocking endpoint answers with.
-
-    The probe passed before the job started, so audio that fails to decode later is bad content
-    (422), not a bad type (415)."""
-    error = GatewayError(failed.detail)
-    error.code = failed.code
-    error.status = (
-        422 if failed.code == DecodeError.code else status_of(failed.code, default_status)
-    )
-    return error
-
-
-async def serve_job(
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    job: Job,
-    *,
-    translator: Translator | None,
-    keepalive: float,
-    answer: Callable[[Done | Failed], Response],
-) -> None:
-    """Serve a prepared job: as an SSE stream through ``translator``, or (None) as the one
-    response ``answer`` makes of its final event; nothing when the client left first."""
-    if translator is not None:
-        await SSEStream(job, translator, keepalive=keepalive)(scope, receive, send)
-        return
-    result = await run_to_end(job, receive)
-    if result is not None:
-        await answer(result)(scope, receive, send)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        state = gateway_state(request)
+        try:
+            job, options = await self._prepare(request, state)
+        except GatewayError as exc:
+            await self.error_response(exc)(scope, receive, send)
+            return
+        keepalive = state.config.server.keepalive
+        translator = self.translator(state, options)
+        if translator is not None:
+            await SSEStream(job, translator, keepalive=keepalive)(scope, receive, send)
+            return
+        result = await attend(job, partial(_until_disconnect, receive), ends_with_job=True)
+        if isinstance(result, Failed):
+            response = self.error_response(failure_error(result, self.failure_status))
+        elif result is not None:
+            response = self.answer(result, options)
+        else:
+            return
+        await response(scope, receive, send)

@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from .. import exports
 from ..audio import Upload
-from ..errors import GatewayError, InvalidBody, InvalidOption, NotFound
+from ..errors import GatewayError, InvalidOption, NotFound
 from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript, join_text
-from ..pipeline import Job
+from ..jobs import GatewayState, JobOptions
 from .common import (
-    MAX_JSON_BYTES,
-    JobOptions,
-    check_engine,
-    failure_error,
+    Transcribe,
     gateway_state,
     option,
     parse_bool,
-    read_body,
-    receive_job,
-    serve_job,
+    read_json_body,
     tenant_of,
 )
-
-if TYPE_CHECKING:
-    from ..app import GatewayState
 
 __all__ = ["NativeTranslator", "error_response", "routes"]
 
@@ -172,50 +161,30 @@ def error_response(exc: GatewayError) -> Response:
     )
 
 
-async def _job(request: Request) -> tuple[GatewayState, Job]:
-    check_engine(gateway_state(request), request.query_params.get("engine", ""))
-
-    def parse(state: GatewayState, upload: Upload) -> JobOptions:
-        engine = option(request, upload, "engine") or state.config.server.default_engine
-        check_engine(state, engine)
-        return JobOptions(
-            engine=engine,
-            language=option(request, upload, "language"),
-            use_cache=parse_bool("use_cache", option(request, upload, "use_cache"), True),
-        )
-
-    state, job, _ = await receive_job(request, parse)
-    return state, job
+def _check_query(request: Request, state: GatewayState) -> None:
+    # An unknown engine in the query is refused before the upload is read.
+    state.engine(request.query_params.get("engine", ""))
 
 
-class _Endpoint:
-    """A plain ASGI endpoint that turns a pre-stream GatewayError into the JSON error shape."""
-
-    def __init__(self, streaming: bool) -> None:
-        self.streaming = streaming
-
-    async def __call__(self, scope: Scope, receive_: Receive, send: Send) -> None:
-        request = Request(scope, receive_)
-        try:
-            state, job = await _job(request)
-        except GatewayError as exc:
-            await error_response(exc)(scope, receive_, send)
-            return
-        await serve_job(
-            scope,
-            receive_,
-            send,
-            job,
-            translator=NativeTranslator() if self.streaming else None,
-            keepalive=state.config.server.keepalive,
-            answer=_answer,
-        )
+def _options(request: Request, state: GatewayState, upload: Upload) -> JobOptions:
+    return JobOptions(
+        engine=state.engine(option(request, upload, "engine")),
+        language=option(request, upload, "language"),
+        use_cache=parse_bool("use_cache", option(request, upload, "use_cache"), True),
+    )
 
 
-def _answer(result: Done | Failed) -> Response:
-    if isinstance(result, Failed):
-        return error_response(failure_error(result, 502))
-    return Response(_encoder.encode(_final(result)), media_type="application/json")
+def _answer(done: Done, options: JobOptions) -> Response:
+    return Response(_encoder.encode(_final(done)), media_type="application/json")
+
+
+_transcribe_stream = Transcribe(
+    check_query=_check_query,
+    parse=_options,
+    translator=lambda state, options: NativeTranslator(),
+    answer=_answer,
+    error_response=error_response,
+)
 
 
 async def get_transcript(request: Request) -> Response:
@@ -262,12 +231,7 @@ async def put_corrections(request: Request) -> Response:
     """Store human corrections; later GETs and cache hits return them, flagged ``corrected``."""
     state = gateway_state(request)
     try:
-        try:
-            body = _corrections.decode(await read_body(request, MAX_JSON_BYTES))
-        except msgspec.ValidationError as exc:
-            raise InvalidBody(f"invalid corrections: {exc}") from exc
-        except msgspec.DecodeError as exc:
-            raise InvalidBody(f"the body is not JSON: {exc}") from exc
+        body = await read_json_body(request, _corrections, "corrections")
         if not await state.store.set_corrections(
             request.path_params["id"], tuple(body.segments), tenant_of(request)
         ):
@@ -279,8 +243,8 @@ async def put_corrections(request: Request) -> Response:
 
 def routes() -> list[Route]:
     return [
-        Route("/v1/transcriptions/stream", _Endpoint(streaming=True), methods=["POST"]),
-        Route("/v1/transcriptions", _Endpoint(streaming=False), methods=["POST"]),
+        Route("/v1/transcriptions/stream", _transcribe_stream, methods=["POST"]),
+        Route("/v1/transcriptions", _transcribe_stream.blocking(), methods=["POST"]),
         Route("/v1/transcriptions/{id}", get_transcript, methods=["GET"]),
         Route("/v1/transcriptions/{id}/corrections", put_corrections, methods=["PUT"]),
     ]

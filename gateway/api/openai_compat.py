@@ -11,31 +11,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from .. import exports
 from ..audio import Upload
+from ..engines import Engine
 from ..errors import GatewayError, InvalidOption, UnknownEngine, status_of
 from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript
-from ..pipeline import Job
-from .common import (
-    JobOptions,
-    failure_error,
-    gateway_state,
-    option,
-    parse_bool,
-    receive_job,
-    serve_job,
-)
-
-if TYPE_CHECKING:
-    from ..app import GatewayState
+from ..jobs import GatewayState, JobOptions
+from .common import Transcribe, gateway_state, option, parse_bool
 
 __all__ = ["RESPONSE_FORMATS", "InvalidParam", "OpenAITranslator", "error_response", "routes"]
 
@@ -288,14 +276,14 @@ class _Options(JobOptions):
     granularities: tuple[str, ...]
 
 
-def _engine_for(state: GatewayState, model: str) -> str:
-    """An engine name for a model name: an engine itself, or an alias of one."""
+def _engine_for(state: GatewayState, model: str) -> Engine:
+    """The engine a model name stands for: an engine itself, or an alias of one."""
     if model in state.engines:
-        return model
+        return state.engine(model)
     aliases = state.config.openai.aliases
-    if model in aliases:
-        return aliases[model] or state.config.server.default_engine
-    raise UnknownEngine(f"The model {model!r} does not exist")
+    if model not in aliases:
+        raise UnknownEngine(f"The model {model!r} does not exist")
+    return state.engine(aliases[model])  # an alias of "" is the default engine
 
 
 def _list(request: Request, upload: Upload, name: str, allowed: Sequence[str]) -> tuple[str, ...]:
@@ -310,7 +298,7 @@ def _list(request: Request, upload: Upload, name: str, allowed: Sequence[str]) -
     return tuple(values)
 
 
-def _options(request: Request, upload: Upload, state: GatewayState) -> _Options:
+def _options(request: Request, state: GatewayState, upload: Upload) -> _Options:
     model = option(request, upload, "model")
     if not model:
         raise InvalidParam("model", "you must provide a model parameter")
@@ -340,36 +328,16 @@ def _options(request: Request, upload: Upload, state: GatewayState) -> _Options:
     )
 
 
-async def _job(request: Request) -> tuple[GatewayState, Job, _Options]:
-    return await receive_job(request, lambda state, upload: _options(request, upload, state))
+def _translator(state: GatewayState, options: _Options) -> OpenAITranslator | None:
+    if not options.stream:
+        return None
+    return OpenAITranslator(done_sentinel=state.config.openai.done_sentinel)
 
 
-class _Transcriptions:
-    """``POST /v1/audio/transcriptions`` as a plain ASGI endpoint (it may stream)."""
-
-    async def __call__(self, scope: Scope, receive_: Receive, send: Send) -> None:
-        request = Request(scope, receive_)
-        try:
-            state, job, options = await _job(request)
-        except GatewayError as exc:
-            await error_response(exc)(scope, receive_, send)
-            return
-
-        def answer(result: Done | Failed) -> Response:
-            if isinstance(result, Failed):
-                return error_response(failure_error(result, 502))
-            return _result(result, options)
-
-        translator = OpenAITranslator(done_sentinel=state.config.openai.done_sentinel)
-        await serve_job(
-            scope,
-            receive_,
-            send,
-            job,
-            translator=translator if options.stream else None,
-            keepalive=state.config.server.keepalive,
-            answer=answer,
-        )
+# ``POST /v1/audio/transcriptions``: it streams when the request says ``stream=true``.
+_transcriptions = Transcribe(
+    parse=_options, translator=_translator, answer=_result, error_response=error_response
+)
 
 
 def _models(state: GatewayState) -> list[_Model]:
@@ -393,7 +361,7 @@ async def get_model(request: Request) -> Response:
 
 def routes() -> list[Route]:
     return [
-        Route("/v1/audio/transcriptions", _Transcriptions(), methods=["POST"]),
+        Route("/v1/audio/transcriptions", _transcriptions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model}", get_model, methods=["GET"]),
     ]
