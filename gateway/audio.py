@@ -32,7 +32,7 @@ import mmap
 import os
 import re
 import tempfile
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -310,6 +310,18 @@ class _MultipartSink:
         self.ended = True
 
 
+async def _spool_body(
+    body: AsyncGenerator[bytes, None], feed: Callable[[bytes], object], spool: _Spool
+) -> None:
+    """Pass each chunk of ``body`` to ``feed`` (which puts file bytes in the spool), writing the
+    spool to disk whenever a batch is full."""
+    async with aclosing(body):
+        async for chunk in body:
+            feed(chunk)
+            if spool.should_flush:
+                await spool.flush()
+
+
 async def receive_upload(
     content_type: str,
     content_length: int | None,
@@ -345,11 +357,7 @@ async def receive_upload(
             sink = _MultipartSink(spool)
             parser = MultipartParser(boundary, sink.callbacks())  # type: ignore[arg-type]
             try:
-                async with aclosing(body):
-                    async for chunk in body:
-                        parser.write(chunk)
-                        if spool.should_flush:
-                            await spool.flush()
+                await _spool_body(body, parser.write, spool)
                 parser.finalize()
             except MultipartParseError as exc:
                 raise BadRequest(f"malformed multipart body: {exc}") from exc
@@ -359,11 +367,7 @@ async def receive_upload(
                 raise MissingFile("multipart body has no 'file' field")
             filename, file_type, fields = sink.filename, sink.content_type, sink.fields
         else:
-            async with aclosing(body):
-                async for chunk in body:
-                    spool.feed(chunk)
-                    if spool.should_flush:
-                        await spool.flush()
+            await _spool_body(body, spool.feed, spool)
             filename, file_type, fields = "", media, {}
         await spool.finish()
         if spool.size == 0:
