@@ -195,23 +195,34 @@ class ScriptedConfig(_EngineBase, frozen=True, tag="scripted"):
     queue_timeout: PositiveFloat = 600.0
 
 
-class WhisperLiveKitConfig(_EngineBase, frozen=True, tag="whisperlivekit"):
-    urls: list[str] = msgspec.field(default_factory=list)
+class _UpstreamPool(_EngineBase, frozen=True):
+    """What every engine that streams to WebSocket servers is configured with (the keys the
+    upstream kit, gateway/engines/_upstream.py, and admission read)."""
+
+    # Sessions at once per upstream server; more wait in a FIFO queue with visible positions.
     max_sessions: Annotated[int, msgspec.Meta(gt=0)] = 2
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = 32
     queue_timeout: PositiveFloat = 300.0
-    lead_seconds: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # WebSocket pings: how often, and how long a pong may take before the connection is dropped.
     ping_interval: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     ping_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # Until the upstream session is usable (socket, handshake and the server's first message).
     connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # The cap on a whole session.
     session_timeout: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    # Reconnects: failed attempts in a row before giving up, and the backoff between them.
     max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 5
     backoff_initial: PositiveFloat = 0.5
     backoff_max: PositiveFloat = 10.0
+
+
+class WhisperLiveKitConfig(_UpstreamPool, frozen=True, tag="whisperlivekit"):
+    urls: list[str] = msgspec.field(default_factory=list)
+    lead_seconds: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     token: str = ""
 
 
-class OpenAIRealtimeConfig(_EngineBase, frozen=True, tag="openai-realtime"):
+class OpenAIRealtimeConfig(_UpstreamPool, frozen=True, tag="openai-realtime"):
     url: str = "wss://api.openai.com/v1/realtime?intent=transcription"
     api_key_env: str = "OPENAI_API_KEY"
     model: str = "gpt-4o-transcribe"
@@ -224,16 +235,7 @@ class OpenAIRealtimeConfig(_EngineBase, frozen=True, tag="openai-realtime"):
     vad_silence_duration_ms: int = 500
     noise_reduction: Literal["near_field", "far_field", "none"] = "none"
     max_sessions: Annotated[int, msgspec.Meta(gt=0)] = 4
-    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 32
-    queue_timeout: PositiveFloat = 300.0
     buffer_bytes: Annotated[int, msgspec.Meta(gt=0)] = 8 * 1024 * 1024
-    ping_interval: Annotated[float, msgspec.Meta(gt=0)] = 5.0
-    ping_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
-    connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
-    session_timeout: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
-    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 5
-    backoff_initial: PositiveFloat = 0.5
-    backoff_max: PositiveFloat = 10.0
 
 
 EngineConfig = (
