@@ -85,8 +85,9 @@ from trio_websocket import WebSocketConnection  # noqa: E402
 
 from gateway.admission import Admission  # noqa: E402
 from gateway.config import Config  # noqa: E402
+from gateway.engines._upstream import Connector  # noqa: E402
 from gateway.engines.base import Engine  # noqa: E402
-from gateway.engines.whisperlivekit import Connector, WhisperLiveKitEngine  # noqa: E402
+from gateway.engines.whisperlivekit import WhisperLiveKitEngine  # noqa: E402
 from gateway.logs import current_request  # noqa: E402
 
 __all__ = ["LEAVE_POINTS", "Options", "Report", "run_storm"]

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import anyio
 
@@ -224,6 +225,10 @@ def collapse_groups() -> Iterator[None]:
     A task group that fails wraps the failure (and the other tasks' cancellations) in an
     ExceptionGroup. Callers care about the one real error: a GatewayError first, then any other
     non-cancellation error. A group of cancellations only is re-raised untouched.
+
+    This is the gateway's one unwrap (the pipeline, the store, the upstream engines and their
+    socket all use it). The chosen exception is raised as itself, with the cause it was raised
+    from (``raise ... from exc`` at a boundary), and without the group as its context.
     """
     try:
         yield
@@ -234,7 +239,7 @@ def collapse_groups() -> Iterator[None]:
         chosen = next((e for e in real if isinstance(e, GatewayError)), real[0] if real else None)
         if chosen is None:
             raise
-        raise chosen from None
+        _reraise(chosen)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
@@ -243,3 +248,13 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
             yield from _leaves(exc)
         else:
             yield exc
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` out of an ``except`` block without making that block's error its context."""
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, context

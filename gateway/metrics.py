@@ -3,6 +3,10 @@
 Engine-specific collectors live beside their engine but register in :data:`REGISTRY` too.
 Gauges that describe engines (sessions, queue length, upstream health) are read at scrape time
 from the engines themselves, so they can never drift from the truth.
+
+One vocabulary for those figures: an engine's ``stats()`` keys are names from
+:data:`ENGINE_STATS`, and a figure two engines share has one name there (and so one metric,
+``gateway_engine_<name>``), whichever engine reports it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ from prometheus_client.registry import Collector
 __all__ = [
     "ACTIVE_STREAMS",
     "AUDIO_SECONDS",
+    "CAPACITY",
+    "ENGINE_STATS",
+    "HEALTHY",
+    "QUEUE_LENGTH",
     "REGISTRY",
+    "SESSIONS",
     "SESSION_DURATION",
     "STREAM_OUTCOMES",
     "TIME_TO_FIRST_EVENT",
@@ -61,6 +70,27 @@ AUDIO_SECONDS = Counter(
 )
 
 
+# The figures engines report from ``stats()``, each under one name: name -> what it counts. A
+# figure may be one number, or a number per upstream where the engine has several.
+SESSIONS = "sessions"
+CAPACITY = "capacity"
+QUEUE_LENGTH = "queue_length"
+HEALTHY = "healthy"
+ENGINE_STATS: dict[str, str] = {
+    SESSIONS: "Engine sessions running (per upstream for a pool).",
+    CAPACITY: "Sessions the engine runs at once; more wait in its queue.",
+    QUEUE_LENGTH: "Sessions waiting in the engine's queue for a place.",
+    HEALTHY: "1 while an upstream takes new sessions, 0 while it backs off after failures.",
+    "opened": "Engine sessions opened since start-up.",
+    "closed": "Engine sessions closed since start-up.",
+    "reconnects": "Upstream connection attempts that failed and were retried after a backoff.",
+    "replayed_bytes": "Audio bytes sent again to a new upstream session after a reconnect.",
+    "dropped_chunks": "Audio chunks dropped because the buffer before the upstream was full.",
+    "dropped_bytes": "Audio bytes dropped because the buffer before the upstream was full.",
+    "unreplayable_bytes": "Audio bytes that could no longer be replayed (past the replay cap).",
+}
+
+
 class EngineStatsCollector(Collector):
     """Exports each engine's ``stats()`` numbers as ``gateway_engine_<stat>{engine,upstream}``."""
 
@@ -75,7 +105,9 @@ class EngineStatsCollector(Collector):
                 if family is None:
                     family = families[stat] = GaugeMetricFamily(
                         f"gateway_engine_{stat}",
-                        f"Engine figure {stat!r}, per upstream where it has several.",
+                        ENGINE_STATS.get(
+                            stat, f"Engine figure {stat!r}, per upstream where it has several."
+                        ),
                         labels=["engine", "upstream"],
                     )
                 if isinstance(value, dict):

@@ -39,19 +39,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import OpenAIRealtimeConfig
-from gateway.engines.base import SessionOptions
-from gateway.engines.openai_realtime import (
+from gateway.engines._realtime_client import (
     ACK_GRACE,
     FINISH_TIMEOUT,
-    JITTER,
     STOP_TIMEOUT,
-    AudioChunk,
-    CommitMark,
-    DataLane,
-    OpenAIRealtimeEngine,
     RealtimeClient,
     open_realtime_client,
 )
+from gateway.engines._realtime_replay import AudioChunk, CommitMark, DataLane, Ledger, OffsetMap
+from gateway.engines._upstream import JITTER
+from gateway.engines.base import SessionOptions
+from gateway.engines.openai_realtime import OpenAIRealtimeEngine
 from gateway.errors import Timeout, UpstreamError, UpstreamUnavailable
 from gateway.events import EngineUpdate
 from gateway.metrics import REGISTRY
@@ -343,6 +341,88 @@ def test_3_property_lane_never_exceeds_cap_and_keeps_the_newest_audio(
 def size_of(sizes: list[int], entry: AudioChunk) -> int:
     (index,) = struct.unpack("<H", entry.data[:2])
     return sizes[int(index)]
+
+
+# The replay ledger and the offset map, fed directly (no client, no clock).
+
+
+def ledger_audio(ledger: Ledger) -> bytes:
+    return b"".join(e.data for e in ledger.take_replay() if isinstance(e, AudioChunk))
+
+
+def test_3_ledger_cover_forgets_covered_audio_and_cuts_the_chunk_it_ends_in() -> None:
+    ledger = Ledger()
+    ledger.record(0, AudioChunk(b"a" * 100, 1000))
+    ledger.record(100, CommitMark())
+    ledger.record(100, AudioChunk(b"b" * 100, 1100))
+    ledger.record(200, CommitMark(final=True))
+    ledger.cover(150)
+    # The first chunk and the commit behind it are gone; half of the second chunk is left.
+    assert len(ledger) == 2 and ledger.audio_bytes == 50
+    replay = ledger.take_replay()
+    assert len(ledger) == 0 and ledger.audio_bytes == 0
+    chunk_left, mark = replay
+    assert isinstance(chunk_left, AudioChunk) and isinstance(mark, CommitMark)
+    assert chunk_left.data == b"b" * 50 and chunk_left.offset == 1150 and chunk_left.replay
+    # A replayed commit is a fresh barrier that keeps only whether it was the final one.
+    assert mark.final and not mark.pre_ready
+
+
+def test_3_ledger_trim_keeps_the_newest_audio_and_counts_the_rest() -> None:
+    ledger = Ledger()
+    for n in range(5):
+        ledger.record(100 * n, AudioChunk(bytes([n]) * 100, 100 * n))
+    assert ledger.trim(250) == 300
+    assert ledger.audio_bytes == 200
+    assert ledger_audio(ledger) == bytes([3]) * 100 + bytes([4]) * 100
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("audio"), st.integers(1, 400)),
+            st.tuples(st.just("commit"), st.integers(0, 0)),
+            st.tuples(st.just("cover"), st.integers(0, 600)),
+        ),
+        max_size=40,
+    )
+)
+def test_3_property_the_ledger_holds_exactly_what_was_sent_and_not_covered(
+    steps: list[tuple[str, int]],
+) -> None:
+    ledger = Ledger()
+    sent = b""
+    covered = 0
+    for kind, n in steps:
+        if kind == "audio":
+            data = bytes((len(sent) + i) % 251 for i in range(n))
+            ledger.record(len(sent), AudioChunk(data, len(sent)))
+            sent += data
+        elif kind == "commit":
+            ledger.record(len(sent), CommitMark())
+        else:
+            covered = max(covered, min(len(sent), covered + n))
+            ledger.cover(covered)
+        assert ledger.audio_bytes == len(sent) - covered
+    replay = [e for e in ledger.take_replay() if isinstance(e, AudioChunk)]
+    assert b"".join(e.data for e in replay) == sent[covered:]
+    assert all(e.replay and e.data == sent[e.offset : e.offset + len(e.data)] for e in replay)
+
+
+def test_3_offset_map_follows_each_discontinuity() -> None:
+    offsets = OffsetMap()
+    assert offsets.stream_offset(500) == 500
+    offsets.note(0, 1000)  # the first 1000 bytes were dropped before ready
+    offsets.note(200, 1200)  # contiguous: no new span
+    offsets.note(400, 300)  # a replay: stream bytes from 300 again
+    assert [offsets.stream_offset(x) for x in (0, 150, 399, 400, 450)] == [
+        1000,
+        1150,
+        1399,
+        300,
+        350,
+    ]
 
 
 # -- 4. commit coalescing and barriers ---------------------------------------------------------
@@ -1089,7 +1169,7 @@ async def test_engine_reports_queue_positions_past_max_sessions(
                 nursery.start_soon(second)
                 await trio.testing.wait_all_tasks_blocked()
                 assert positions == [1]
-                assert engine.stats()["queued"] == 1
+                assert engine.stats()["queue_length"] == 1
                 nursery.cancel_scope.cancel()
 
 

@@ -1,14 +1,17 @@
-"""WhisperLiveKit protocol translation, fed with frames (no sockets, no clock)."""
+"""WhisperLiveKit protocol translation and the pacer, fed with frames and numbers (no sockets,
+no clock)."""
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.engines._wlk_pacer import BACKLOG_ROUNDING, REPORT_LATENCY, Pacer
 from gateway.engines._wlk_protocol import (
     Line,
     ReadyToStop,
@@ -272,3 +275,91 @@ def test_committed_segments_only_ever_grow(shape: list[tuple[int, bool]], drops:
     assert final.committed[: len(previous)] == previous
     starts = [seg.start for seg in final.committed]
     assert starts == sorted(starts)
+
+
+# -- the pacer -------------------------------------------------------------------------------------
+FRAME = 0.25  # seconds of audio in one PCM frame
+
+
+def test_pacer_lets_a_fresh_connection_send_up_to_its_lead() -> None:
+    pacer = Pacer(lead=2.0)
+    sent = 0
+    while pacer.may_send(FRAME, now=0.0):
+        pacer.sent += FRAME
+        sent += 1
+        assert sent < 100
+    # Nothing reported, nothing confirmed: the lead is counted in full.
+    assert pacer.sent == pytest.approx(2.0)
+    assert pacer.lead_estimate(0.0) == pytest.approx(2.0)
+    assert pacer.unconfirmed()
+
+
+def test_pacer_counts_committed_lines_as_processed() -> None:
+    pacer = Pacer(lead=2.0)
+    pacer.sent = 2.0
+    assert not pacer.may_send(FRAME, now=0.0)
+    pacer.report(backlog=0.0, committed=1.5)
+    assert pacer.lead_estimate(0.0) == pytest.approx(0.5)
+    assert pacer.may_send(FRAME, now=0.0)
+    # A later report with an earlier line never moves the committed end back.
+    pacer.report(backlog=0.0, committed=1.0)
+    assert pacer.committed == 1.5
+
+
+def test_a_pong_confirms_audio_once_its_reports_have_settled() -> None:
+    pacer = Pacer(lead=2.0)
+    pacer.sent = 2.0
+    pacer.report(backlog=0.3, committed=0.0)
+    pacer.asked(pacer.sent)
+    assert not pacer.unconfirmed()
+    assert pacer.next_settle() == math.inf
+    pacer.acked(2.0, now=10.0)
+    assert pacer.next_settle() == pytest.approx(10.0 + REPORT_LATENCY)
+    # Before the reports can reflect that audio, it still counts in full.
+    assert pacer.lead_estimate(10.0 + REPORT_LATENCY / 2) == pytest.approx(2.0)
+    # After: the server holds all of it, and only its backlog is unprocessed.
+    settled = 10.0 + REPORT_LATENCY
+    assert pacer.lead_estimate(settled) == pytest.approx(0.3 + BACKLOG_ROUNDING)
+    assert pacer.next_settle() == math.inf
+    assert pacer.processed(settled) == pytest.approx(2.0 - 0.3)
+    assert pacer.may_send(FRAME, now=settled)
+
+
+def test_an_idle_server_always_gets_the_next_frame() -> None:
+    """Even a frame longer than the whole lead goes out once the server has caught up."""
+    pacer = Pacer(lead=0.1)
+    assert pacer.may_send(1.0, now=0.0)
+    pacer.sent = 1.0
+    assert not pacer.may_send(1.0, now=0.0)
+    pacer.report(backlog=0.0, committed=1.0)
+    assert pacer.may_send(1.0, now=0.0)
+
+
+@pytest.mark.parametrize("speed", [0.25, 1.0, 3.0, 20.0])
+def test_paced_audio_never_leads_the_server_by_more_than_the_lead(speed: float) -> None:
+    """A simulated server processing at ``speed`` times real time, reporting its backlog
+    (rounded to 0.1 s, as WhisperLiveKit does) and lines (every 0.5 s of processed audio) every
+    tick; the writer sends frames when the pacer allows and pings when it may not. Whatever the
+    speed, the audio the server holds unprocessed stays within the lead, and all of it goes."""
+    lead, tick, total = 2.0, 0.05, 30.0
+    pacer = Pacer(lead)
+    received = processed = 0.0
+    now = 0.0
+    worst = 0.0
+    while processed < total - 1e-9:
+        assert now < 10_000, "the pacer stalled"
+        while received < total - 1e-9 and pacer.may_send(FRAME, now):
+            pacer.sent += FRAME
+            received += FRAME
+            worst = max(worst, received - processed)
+        if received < total - 1e-9 and pacer.unconfirmed():
+            pacer.asked(pacer.sent)
+            pacer.acked(pacer.sent, now)  # the pong: the server read all we sent
+        now += tick
+        processed = min(received, processed + speed * tick)
+        backlog = round((received - processed) * 10) / 10
+        pacer.report(backlog, committed=math.floor(processed * 2) / 2)
+        # What the pacer calls processed never runs ahead of the server (but for rounding).
+        assert pacer.processed(now) <= processed + BACKLOG_ROUNDING + 1e-9
+    assert worst <= lead + 1e-9
+    assert pacer.processed(now) >= total - 0.5

@@ -1,4 +1,7 @@
-"""Opening a client WebSocket over a TCP (or TLS) stream that we own, for the upstream engines."""
+"""Opening a client WebSocket over a TCP (or TLS) stream that we own, for the upstream engines.
+
+The transport under :mod:`gateway.engines._upstream`'s connector; it never imports an engine.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from trio_websocket import (
     WebSocketConnection,
     wrap_client_stream,
 )
+
+from ..errors import collapse_groups
 
 __all__ = ["connect_websocket"]
 
@@ -44,38 +49,35 @@ async def connect_websocket(
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     stream: trio.abc.Stream | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            try:
-                with trio.fail_after(connect_timeout):
-                    tcp = await trio.open_tcp_stream(parts.hostname, port)
-                    stream = tcp
-                    if secure:
-                        stream = trio.SSLStream(
-                            tcp, ssl.create_default_context(), server_hostname=parts.hostname
+        # The handshake's failure arrives from trio-websocket's reader task, in a group.
+        with collapse_groups():
+            async with trio.open_nursery() as nursery:
+                try:
+                    with trio.fail_after(connect_timeout):
+                        tcp = await trio.open_tcp_stream(parts.hostname, port)
+                        stream = tcp
+                        if secure:
+                            stream = trio.SSLStream(
+                                tcp, ssl.create_default_context(), server_hostname=parts.hostname
+                            )
+                        ws = await wrap_client_stream(
+                            nursery,
+                            stream,
+                            host,
+                            resource,
+                            extra_headers=headers,
+                            message_queue_size=message_queue_size,
+                            max_message_size=max_message_size,
                         )
-                    ws = await wrap_client_stream(
-                        nursery,
-                        stream,
-                        host,
-                        resource,
-                        extra_headers=headers,
-                        message_queue_size=message_queue_size,
-                        max_message_size=max_message_size,
-                    )
-            except trio.TooSlowError:
-                raise ConnectionTimeout from None
-            except OSError as exc:
-                raise HandshakeError(f"{url}: {exc}") from exc
-            try:
-                yield ws
-            finally:
-                with trio.move_on_after(close_timeout):
-                    await ws.aclose()
-    except BaseExceptionGroup as group:
-        # The handshake's failure arrives from trio-websocket's reader task; unwrap it.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+                except trio.TooSlowError:
+                    raise ConnectionTimeout from None
+                except OSError as exc:
+                    raise HandshakeError(f"{url}: {exc}") from exc
+                try:
+                    yield ws
+                finally:
+                    with trio.move_on_after(close_timeout):
+                        await ws.aclose()
     finally:
         if stream is not None:
             await trio.aclose_forcefully(stream)

@@ -11,9 +11,13 @@ Each connection runs three tasks in one nursery: the *reader* always keeps readi
 trio-websocket's receive queue never fills and stops our pongs), turns frames into updates and
 feeds the pacer; the *writer* sends the replay buffer in frames when the pacer allows; the
 *heartbeat* pings with a timeout, as trio-websocket's docs recommend. A session-level driver
-runs connections one after another: when one drops abnormally (1001/1006/1011/1012/1013, a missed
+runs connections one after another: when one drops abnormally (a transient close code, a missed
 pong, a refused handshake) it backs off and reconnects, resuming from the end of the last
 committed line (see :class:`~gateway.engines._wlk_protocol.Stitcher`).
+
+How much audio may be in flight is the pacer's to say (:mod:`gateway.engines._wlk_pacer`, with its
+essay); backoff, close codes, refusals and the connector seam are the shared upstream kit
+(:mod:`gateway.engines._upstream`). This module never imports the pipeline, the fronts or the store.
 
 Errors: trio-websocket and socket errors are mapped in one place, :meth:`_WlkSession._map_error`,
 into either a retryable :class:`_Drop` (internal) or the gateway's tree: ``UpstreamUnavailable``
@@ -34,11 +38,10 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final, NoReturn, Protocol
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
@@ -59,11 +62,22 @@ from ..errors import (
     Timeout,
     UpstreamError,
     UpstreamUnavailable,
+    collapse_groups,
 )
 from ..events import EngineUpdate
 from ..metrics import REGISTRY
 from . import _wlk_protocol as wlk
-from ._websocket import connect_websocket
+from ._upstream import (
+    Connector,
+    Signal,
+    UpdateFeed,
+    backoff_delay,
+    closed_by,
+    pool_stats,
+    rejected,
+    websocket_connector,
+)
+from ._wlk_pacer import Pacer
 from .base import PCM_BYTES_PER_SECOND, AudioFormat, Engine, Session, SessionOptions
 
 __all__ = [
@@ -71,8 +85,6 @@ __all__ = [
     "ENCODED_REPLAY_MAX_BYTES",
     "FRAME_BYTES",
     "REPLAY_MAX_BYTES",
-    "Connector",
-    "Pacer",
     "WhisperLiveKitEngine",
     "connect_tcp",
 ]
@@ -107,18 +119,10 @@ CLOSE_TIMEOUT: Final = 0.5
 # When the session is cancelled, the connection's reader is cancelled with it, so the server's
 # answer to our close frame cannot be read: the frame is still sent, but not waited on for long.
 ABORT_CLOSE_TIMEOUT: Final = 0.05
-# WhisperLiveKit pushes a state change within 50 ms (its formatter polls at 20 Hz); a pong proves
-# the server read our audio, and this long after it the reports are taken to reflect that audio.
-REPORT_LATENCY: Final = 0.25
-# remaining_time_transcription_processing is rounded to 0.1 s.
-BACKLOG_ROUNDING: Final = 0.05
 # Silence appended before end of audio in PCM mode (32 KB): WhisperLiveKit 0.2.26 may drop the last
 # words when decoding ends during its final send (fixed after 0.2.26 by PR #440); a pause makes
 # VAD commit the tail first. It is audio like any other, so it is replayed on resume too.
 EOF_PADDING_BYTES: Final = PCM_BYTES_PER_SECOND
-# Close codes after which a reconnect may help: going away, abnormal closure (no close frame),
-# internal error (also uvicorn's "keepalive ping timeout"), service restart, try again later.
-RETRYABLE_CLOSE_CODES: Final = frozenset({1001, 1006, 1011, 1012, 1013})
 
 RECONNECTS = Counter(
     "gateway_wlk_reconnects",
@@ -134,26 +138,12 @@ SESSION_FAILURES = Counter(
 )
 
 
-class Connector(Protocol):
-    """Opens one client WebSocket, with :func:`trio_websocket.open_websocket_url`'s contract."""
-
-    def __call__(
-        self, url: str, *, extra_headers: list[tuple[bytes, bytes]], connect_timeout: float
-    ) -> AbstractAsyncContextManager[WebSocketConnection]: ...
-
-
-def connect_tcp(
-    url: str, *, extra_headers: list[tuple[bytes, bytes]], connect_timeout: float
-) -> AbstractAsyncContextManager[WebSocketConnection]:
-    """The production connector: a real ``ws://`` or ``wss://`` connection."""
-    return connect_websocket(
-        url,
-        extra_headers,
-        connect_timeout,
-        close_timeout=CLOSE_TIMEOUT,
-        message_queue_size=MESSAGE_QUEUE_SIZE,
-        max_message_size=MAX_MESSAGE_BYTES,
-    )
+# The production connector: real ``ws://`` or ``wss://`` connections.
+connect_tcp: Final = websocket_connector(
+    close_timeout=CLOSE_TIMEOUT,
+    message_queue_size=MESSAGE_QUEUE_SIZE,
+    max_message_size=MAX_MESSAGE_BYTES,
+)
 
 
 class _Drop(Exception):
@@ -164,86 +154,6 @@ class _Drop(Exception):
         self.reason = reason
         self.label = label
         self.connect_failed = connect_failed
-
-
-class Pacer:
-    """How much audio may go to one connection: at most ``lead`` seconds the server has not processed.
-
-    Why and how. WhisperLiveKit 0.2.26 has no backpressure: it reads whatever arrives, queues it
-    without bound, and a server that falls behind ends up blocking its event loop and killing
-    sessions with 1011. So the gateway keeps the *unprocessed* audio per session under a budget,
-    using only what the server says (no wall-clock floor: a lagging server is fed less, not "at
-    least real time").
-
-    The server reports ``backlog`` = received - processed (``remaining_time_transcription_
-    processing``), pushed within 50 ms of any change, and committed ``lines`` whose ends never
-    exceed what it processed. What it cannot report is audio still in flight towards it, and a
-    report may be older than our latest frames. So the lead (``sent - processed``) is bounded
-    two ways and the smaller bound is used:
-
-    - ``sent - committed_end``: always true, but loose (lines lag, and silence has no lines);
-    - ``(sent - confirmed) + backlog``: ``confirmed`` is audio the server provably holds: a
-      WebSocket pong comes back only after the server read every frame sent before the ping, and
-      :data:`REPORT_LATENCY` after that pong its reports include that audio, so from then on the
-      latest ``backlog`` covers it. Audio not yet confirmed that way counts in full.
-
-    Before each frame the writer asks :meth:`may_send`: the frame goes out only if the estimate
-    plus the frame stays within ``lead`` (so the server's true lead stays within it). When it may
-    not and some sent audio is unconfirmed, the writer pings to confirm it; otherwise it waits for
-    the next report or for a confirmation to settle. A server that stops reporting or answering
-    pings therefore stops receiving audio (and the heartbeat then reconnects).
-    """
-
-    def __init__(self, lead: float) -> None:
-        self.lead = lead
-        #: Seconds sent on this connection.
-        self.sent = 0.0
-        #: End of the last line the server showed (processed audio, a lower bound).
-        self.committed = 0.0
-        #: The latest ``remaining_time_transcription_processing``.
-        self.backlog = 0.0
-        self._confirmed = 0.0
-        self._asked = 0.0
-        # Pongs waiting REPORT_LATENCY to settle: (settles_at, seconds sent before the ping).
-        self._acks: deque[tuple[float, float]] = deque()
-
-    def report(self, backlog: float, committed: float) -> None:
-        self.backlog = backlog
-        self.committed = max(self.committed, committed)
-
-    def asked(self, sent: float) -> None:
-        """A ping went out after ``sent`` seconds of audio."""
-        self._asked = max(self._asked, sent)
-
-    def acked(self, sent: float, now: float) -> None:
-        """The pong for a ping sent after ``sent`` seconds of audio arrived at ``now``."""
-        self._acks.append((now + REPORT_LATENCY, sent))
-
-    def _settle(self, now: float) -> None:
-        while self._acks and self._acks[0][0] <= now:
-            self._confirmed = max(self._confirmed, self._acks.popleft()[1])
-
-    def lead_estimate(self, now: float) -> float:
-        self._settle(now)
-        by_reports = self.sent - self._confirmed + self.backlog + BACKLOG_ROUNDING
-        by_lines = self.sent - self.committed
-        return max(0.0, min(by_reports, by_lines))
-
-    def may_send(self, seconds: float, now: float) -> bool:
-        lead = self.lead_estimate(now)
-        return lead + seconds <= self.lead or lead <= BACKLOG_ROUNDING
-
-    def unconfirmed(self) -> bool:
-        """Some audio was sent after the last ping: a ping would confirm more."""
-        return self.sent > self._asked
-
-    def next_settle(self) -> float:
-        return self._acks[0][0] if self._acks else math.inf
-
-    def processed(self, now: float) -> float:
-        """Seconds the server has processed, as far as can be told."""
-        self._settle(now)
-        return max(self.committed, self._confirmed - self.backlog, 0.0)
 
 
 @dataclass(eq=False)
@@ -257,11 +167,7 @@ class _Connection:
     done: bool = False
     #: The first failure of any of the connection's tasks.
     error: Exception | None = None
-    reported: trio.Event = field(default_factory=trio.Event)
-
-    def notify_report(self) -> None:
-        self.reported.set()
-        self.reported = trio.Event()
+    reported: Signal = field(default_factory=Signal)
 
 
 def _pcm_offset(seconds: float) -> int:
@@ -287,35 +193,29 @@ class _WlkSession(Session):
         self._eof = False
         self._real_end = 0
         self._replayable = True
-        self._audio_event = trio.Event()
-        self._space_event = trio.Event()
+        self._audio_arrived = Signal()
+        self._space_freed = Signal()
         self._stitcher = wlk.Stitcher()
-        # The conflated results: the newest update, its version, and whether it is the last.
-        self._latest = EngineUpdate()
-        self._version = 0
-        self._final = False
-        self._failure: GatewayError | None = None
-        self._updated = trio.Event()
+        self._results = UpdateFeed()
 
     # -- the pipeline's side ----------------------------------------------------------------
     async def send_audio(self, chunk: bytes) -> None:
         if self._eof:
             raise RuntimeError("send_audio after end_audio")
-        if self._failure is not None or self._closed or not chunk:
+        if self._results.failure is not None or self._closed or not chunk:
             return
         self._audio += chunk
         self._end += len(chunk)
         if self.audio_format == "encoded" and self._end > ENCODED_REPLAY_MAX_BYTES:
             self._replayable = False
-        self._notify_audio()
+        self._audio_arrived.fire()
         frame = FRAME_BYTES if self.audio_format == "pcm" else ENCODED_FRAME_BYTES
         while (
             self._end - self._cursor > PENDING_FRAMES * frame
-            and self._failure is None
+            and self._results.failure is None
             and not self._closed
         ):
-            event = self._space_event
-            await event.wait()
+            await self._space_freed.wait()
 
     async def end_audio(self) -> None:
         if self._eof:
@@ -325,49 +225,20 @@ class _WlkSession(Session):
             self._audio += bytes(EOF_PADDING_BYTES)
             self._end += EOF_PADDING_BYTES
         self._eof = True
-        self._notify_audio()
+        self._audio_arrived.fire()
 
-    async def results(self) -> AsyncIterator[EngineUpdate]:
-        seen = 0
-        while True:
-            if self._version != seen:
-                seen = self._version
-                yield self._latest
-                continue
-            if self._final:
-                return
-            if self._failure is not None:
-                raise self._failure
-            event = self._updated
-            await event.wait()
+    def results(self) -> AsyncIterator[EngineUpdate]:
+        return self._results.updates()
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _notify_audio(self) -> None:
-        self._audio_event.set()
-        self._audio_event = trio.Event()
-
-    def _notify_space(self) -> None:
-        self._space_event.set()
-        self._space_event = trio.Event()
-
-    def _publish(self, update: EngineUpdate, *, final: bool = False) -> None:
-        if not final and update == self._latest:
-            return
-        self._latest = update
-        self._version += 1
-        self._final = final
-        self._updated.set()
-        self._updated = trio.Event()
-
     def _fail(self, failure: GatewayError) -> None:
         SESSION_FAILURES.labels(self._engine.name, failure.code).inc()
-        self._failure = failure
-        self._updated.set()
-        self._notify_space()
+        self._results.fail(failure)
+        self._space_freed.fire()
 
     def _close(self) -> None:
         self._closed = True
-        self._notify_space()
+        self._space_freed.fire()
 
     def _audio_limit(self) -> float:
         """Seconds of real audio received (the EOF padding excluded), for ``processed``."""
@@ -381,12 +252,12 @@ class _WlkSession(Session):
         else:
             progress = conn.pacer.committed
         processed = min(self._stitcher.offset + progress, self._audio_limit())
-        return self._stitcher.snapshot(max(processed, self._latest.processed))
+        return self._stitcher.snapshot(max(processed, self._results.latest.processed))
 
     def _final_processed(self) -> float:
         if self.audio_format == "pcm":
             return self._real_end / PCM_BYTES_PER_SECOND
-        return max(self._latest.processed, self._options.total_time or 0.0)
+        return max(self._results.latest.processed, self._options.total_time or 0.0)
 
     def _trim(self) -> None:
         """Drop PCM that no resume can need: before the resume point, or past the cap."""
@@ -479,7 +350,7 @@ class _WlkSession(Session):
             point = min(max(_pcm_offset(self._stitcher.resume_point), self._base), self._cursor)
             self._cursor = point
             self._stitcher.begin_connection(point / PCM_BYTES_PER_SECOND)
-        self._notify_space()
+        self._space_freed.fire()
 
     async def _connection(self, url: str, task_status: trio.TaskStatus[None]) -> None:
         conn = _Connection(url, Pacer(self._cfg.lead_seconds))
@@ -511,8 +382,11 @@ class _WlkSession(Session):
     def _map_error(self, exc: Exception, conn: _Connection) -> Exception:
         """The one boundary where trio-websocket and socket errors enter the gateway's tree."""
         if isinstance(exc, ConnectionRejected):
-            status = exc.status_code
-            if status in (401, 403):
+            # Any refusal but the token's may be this server's alone: back off, and the
+            # lease may move the session to another server of the pool.
+            refusal = rejected(exc)
+            status = refusal.status
+            if refusal.credentials:
                 error = UpstreamError if self._started else UpstreamUnavailable
                 return error(f"{conn.url} refused the session with HTTP {status}: check the token")
             return _Drop(
@@ -522,12 +396,12 @@ class _WlkSession(Session):
             cause = exc.__cause__ or exc
             return _Drop(f"cannot connect: {cause!r}", label="connect", connect_failed=True)
         assert isinstance(exc, ConnectionClosed)
-        reason = exc.reason
-        code = 1006 if reason is None else reason.code
-        text = f"{code}" if reason is None or not reason.reason else f"{code} {reason.reason}"
-        if code in RETRYABLE_CLOSE_CODES:
-            return _Drop(f"closed with {text}", label=str(code), connect_failed=not conn.configured)
-        return UpstreamError(f"{conn.url} closed the session with {text} before ready_to_stop")
+        closed = closed_by(exc)
+        if closed.transient:
+            return _Drop(
+                f"closed with {closed}", label=str(closed.code), connect_failed=not conn.configured
+            )
+        return UpstreamError(f"{conn.url} closed the session with {closed} before ready_to_stop")
 
     async def _converse(
         self, ws: WebSocketConnection, conn: _Connection, task_status: trio.TaskStatus[None]
@@ -589,14 +463,14 @@ class _WlkSession(Session):
             if isinstance(event, wlk.Transcription):
                 self._stitcher.update(event)
                 conn.pacer.report(event.backlog, self._stitcher.connection_end)
-                conn.notify_report()
+                conn.reported.fire()
                 self._trim()
-                self._publish(self._snapshot(conn))
+                self._results.publish(self._snapshot(conn))
             elif isinstance(event, wlk.ReadyToStop):
                 if not conn.eof_sent:
                     raise UpstreamError(f"{conn.url} sent ready_to_stop before the end of audio")
                 conn.done = True
-                self._publish(self._stitcher.finalize(self._final_processed()), final=True)
+                self._results.publish(self._stitcher.finalize(self._final_processed()), final=True)
                 return
             elif isinstance(event, wlk.ServerError):
                 raise UpstreamError(f"{conn.url}: {event.detail}")
@@ -614,8 +488,7 @@ class _WlkSession(Session):
                 conn.eof_sent = True
                 return
             if available == 0 or (pcm and available < frame_bytes and not self._eof):
-                event = self._audio_event
-                await event.wait()
+                await self._audio_arrived.wait()
                 continue
             size = min(available, frame_bytes)
             seconds = size / bytes_per_second
@@ -627,7 +500,7 @@ class _WlkSession(Session):
             if not self._replayable:
                 del self._audio[: self._cursor - self._base]
                 self._base = self._cursor
-            self._notify_space()
+            self._space_freed.fire()
 
     async def _wait_for_room(
         self, ws: WebSocketConnection, conn: _Connection, seconds: float
@@ -637,9 +510,8 @@ class _WlkSession(Session):
             if pacer.unconfirmed():
                 await self._ping(ws, conn)
                 continue
-            event = conn.reported
             with trio.move_on_at(pacer.next_settle()):
-                await event.wait()
+                await conn.reported.wait()
 
     async def _heartbeat(self, ws: WebSocketConnection, conn: _Connection) -> None:
         while True:
@@ -658,16 +530,6 @@ class _WlkSession(Session):
                 f"no pong within {self._cfg.ping_timeout:g} s", label="ping_timeout"
             ) from exc
         conn.pacer.acked(sent, trio.current_time())
-
-
-def _reraise(exc: BaseException) -> NoReturn:
-    """Raise ``exc`` out of an ``except`` block without making that block's error its context."""
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context
-        del exc, context
 
 
 class WhisperLiveKitEngine(Engine):
@@ -707,10 +569,10 @@ class WhisperLiveKitEngine(Engine):
         return urlunsplit(parts._replace(query=urlencode(query)))
 
     def backoff(self, failures: int) -> float:
-        """Delay before the next attempt: exponential in ``failures``, with 50-100 % jitter."""
+        """Delay before the next attempt after ``failures`` failed attempts in a row: it is
+        retry number ``failures + 1`` (the first follows a drop after progress)."""
         cfg = self.config
-        ceiling = min(cfg.backoff_max, cfg.backoff_initial * 2.0 ** min(failures, 30))
-        return ceiling * self._random.uniform(0.5, 1.0)
+        return backoff_delay(failures + 1, cfg.backoff_initial, cfg.backoff_max, self._random)
 
     def url_backoff(self, url: str) -> float:
         """How long a server that failed to connect is avoided by new sessions."""
@@ -719,7 +581,9 @@ class WhisperLiveKitEngine(Engine):
     @asynccontextmanager
     async def open_session(self, options: SessionOptions, lease: Lease) -> AsyncIterator[Session]:
         session = _WlkSession(self, lease, options)
-        try:
+        # Only the body's (or the failed start's) exception is in a group here, plus Cancelled:
+        # it is re-raised as itself, as open_websocket does, so callers see gateway errors.
+        with collapse_groups():
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.drive)
                 try:
@@ -727,13 +591,6 @@ class WhisperLiveKitEngine(Engine):
                 finally:
                     session._close()
                     nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # Only the body's (or the failed start's) exception is in here, plus Cancelled:
-            # re-raise it as itself, as open_websocket does, so callers see gateway errors.
-            errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-            if len(errors) != 1:
-                raise
-            _reraise(errors[0])
 
     async def readiness(self) -> str | None:
         if self.admission.any_healthy():
@@ -741,11 +598,7 @@ class WhisperLiveKitEngine(Engine):
         return "no healthy WhisperLiveKit upstream among " + ", ".join(self.config.urls)
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "sessions": self.admission.sessions(),
-            "queue_length": self.admission.queue_length,
-            "healthy": {url: int(ok) for url, ok in self.admission.health().items()},
-        }
+        return pool_stats(self.admission)
 
     async def aclose(self) -> None:
         """Nothing engine-wide to release: every connection belongs to a session."""

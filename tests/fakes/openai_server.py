@@ -39,6 +39,8 @@ from trio_websocket import (
 )
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
+from gateway.errors import collapse_groups
+
 __all__ = [
     "FakeConnection",
     "FakeOpenAIServer",
@@ -757,14 +759,15 @@ class FakeOpenAIServer:
 
     @asynccontextmanager
     async def connect(
-        self, url: str, headers: list[tuple[bytes, bytes]], connect_timeout: float
+        self, url: str, *, extra_headers: list[tuple[bytes, bytes]], connect_timeout: float
     ) -> AsyncIterator[WebSocketConnection]:
         """An in-memory stand-in for ``open_websocket_url`` (a ``Connector``)."""
         assert self._listener is not None, "serve('memory') first"
         parts = urlsplit(url)
         resource = parts.path + (f"?{parts.query}" if parts.query else "")
         client_stream, server_stream = trio.testing.lockstep_stream_pair()
-        try:
+        # Behave like open_websocket_url: no exception groups out of here.
+        with collapse_groups():
             async with trio.open_nursery() as nursery:
                 try:
                     with trio.fail_after(connect_timeout):
@@ -774,7 +777,7 @@ class FakeOpenAIServer:
                             client_stream,  # type: ignore[arg-type]
                             parts.hostname or "fake",
                             resource,
-                            extra_headers=headers,
+                            extra_headers=extra_headers,
                         )
                 except trio.TooSlowError:
                     raise ConnectionTimeout from None
@@ -782,11 +785,6 @@ class FakeOpenAIServer:
                     yield ws
                 finally:
                     await ws.aclose()
-        except BaseExceptionGroup as group:
-            # Behave like open_websocket_url: no exception groups out of here.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
 
 
 @asynccontextmanager

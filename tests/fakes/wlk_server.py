@@ -32,7 +32,7 @@ import wave
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import trio
@@ -48,6 +48,7 @@ from trio_websocket import (
 )
 
 from gateway.engines._wlk_protocol import format_timestamp
+from gateway.errors import collapse_groups
 
 __all__ = [
     "Drop",
@@ -227,15 +228,6 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
         await trio.lowlevel.checkpoint()
 
 
-def _reraise(exc: BaseException) -> NoReturn:
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context
-        del exc, context
-
-
 class MemoryNetwork:
     """Named in-memory hosts, and a connector (the engine's ``Connector``) that reaches them."""
 
@@ -252,7 +244,7 @@ class MemoryNetwork:
     ) -> AsyncIterator[WebSocketConnection]:
         parts = urlsplit(url)
         resource = parts.path + (f"?{parts.query}" if parts.query else "")
-        try:
+        with collapse_groups():
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(connect_timeout) as scope:
                     listener = self.listeners.get(parts.hostname or "")
@@ -274,11 +266,6 @@ class MemoryNetwork:
                 finally:
                     with trio.move_on_after(1):
                         await ws.aclose()
-        except BaseExceptionGroup as group:
-            errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-            if len(errors) != 1:
-                raise
-            _reraise(errors[0])
 
 
 class FakeWlkServer:
