@@ -53,6 +53,7 @@ from .errors import (
 )
 
 __all__ = [
+    "MULTIPART_OVERHEAD",
     "PcmDecoder",
     "Upload",
     "content_id",

@@ -1,0 +1,86 @@
+"""The public surface: ``gateway.__all__`` is pinned, every module declares its own ``__all__``,
+and inside the package one module takes from another only what that one exports.
+
+A name left out of a module's ``__all__`` is the module's private business; importing it from
+elsewhere couples two modules behind the seam that should separate them.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import gateway
+
+GATEWAY = Path(gateway.__file__).parent
+MODULES = sorted(GATEWAY.rglob("*.py"))
+
+
+def _name(path: Path) -> str:
+    parts = path.relative_to(GATEWAY.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_the_package_surface_is_pinned() -> None:
+    assert sorted(gateway.__all__) == [
+        "Config",
+        "ConfigError",
+        "Done",
+        "Engine",
+        "EngineUpdate",
+        "Failed",
+        "GatewayError",
+        "GatewayState",
+        "Progress",
+        "Queued",
+        "Segment",
+        "Session",
+        "SessionOptions",
+        "Transcript",
+        "Word",
+        "__version__",
+        "create_app",
+        "load_config",
+    ]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_name)
+def test_every_module_declares_what_it_exports(path: Path) -> None:
+    module = importlib.import_module(_name(path))
+    exported = getattr(module, "__all__", None)
+    assert isinstance(exported, list), f"{module.__name__} has no __all__"
+    missing = [n for n in exported if not hasattr(module, n)]
+    assert not missing, f"{module.__name__}.__all__ names what it lacks: {missing}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_name)
+def test_modules_import_only_exported_names_from_each_other(path: Path) -> None:
+    name = _name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    wrong = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            source = f"{base}.{node.module}" if node.module else base
+        else:
+            source = node.module or ""
+        if not source.startswith("gateway"):
+            continue
+        target = importlib.import_module(source)
+        for alias in node.names:
+            if (
+                hasattr(target, "__path__")
+                and (GATEWAY.parent / source.replace(".", "/"))
+                .joinpath(alias.name)
+                .with_suffix(".py")
+                .exists()
+            ):
+                continue  # a submodule
+            if alias.name not in target.__all__:
+                wrong.append(f"{alias.name} from {source}")
+    assert not wrong, f"{name} imports unexported names: {wrong}"
