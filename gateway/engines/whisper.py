@@ -3,7 +3,7 @@
 How a session streams with batch accuracy
 -----------------------------------------
 Audio arrives through ``send_audio``. Every :data:`VAD_STEP_SECONDS` the Silero VAD marks where
-the audio may be cut (pauses, see :mod:`._vad`). The session's reader, ``results()``, decodes
+the audio may be cut (pauses, see :mod:`.vad`). The session's reader, ``results()``, decodes
 *chunks*: each time it is free, it takes the longest stretch from the end of the last chunk that
 ends at a cut and fits in ``max_segment_seconds``, decodes it whole with beam search (prompted
 with the end of the text before it, as faster-whisper conditions on previous text), and commits
@@ -57,9 +57,9 @@ from ..admission import Lease
 from ..config import WhisperConfig
 from ..errors import InvalidOption, UpstreamError, UpstreamUnavailable
 from ..events import EngineUpdate, Segment, Word
-from ._vad import WINDOW_SAMPLES, Segmenter, SileroVad, silero_session
 from ._whisper_model import ModelUnavailable, load_model
 from .base import PCM_SAMPLE_RATE, Engine, Session, SessionOptions
+from .vad import WINDOW_SAMPLES, Segmenter, SileroVad, silero_session
 
 __all__ = ["MAX_PENDING_CHUNKS", "VAD_STEP_SECONDS", "WhisperEngine"]
 
