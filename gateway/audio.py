@@ -54,6 +54,8 @@ from .errors import (
 
 __all__ = [
     "MULTIPART_OVERHEAD",
+    "SPOOL_BATCH_BYTES",
+    "SPOOL_PREFIX",
     "PcmDecoder",
     "Upload",
     "content_id",

@@ -8,7 +8,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.api.native import NativeTranslator, _Snapshot
+from gateway.api.native import NativeTranslator
 from gateway.events import Done, Progress, Segment, Transcript
 
 _encoder = msgspec.json.Encoder()
@@ -25,7 +25,13 @@ segments = st.builds(
 
 def full_frame(t: Transcript) -> bytes:
     """The frame as the translator used to build it: every segment encoded each time."""
-    payload = _Snapshot(t.id, t.segments, t.text, t.current_time, t.total_time)
+    payload = {
+        "id": t.id,
+        "segments": t.segments,
+        "text": t.text,
+        "current_time": t.current_time,
+        "total_time": t.total_time,
+    }
     return b"event: transcription\r\ndata: " + _encoder.encode(payload) + b"\r\n\r\n"
 
 

@@ -103,11 +103,17 @@ async def test_uuid_form_finds_the_id_per_tenant(tmp_path: Path) -> None:
 
 
 async def test_version_1_database_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
-    from gateway.store import _MIGRATIONS, content_uuid
+    from gateway.store import content_uuid
 
     path = tmp_path / "g.sqlite3"
     conn = sqlite3.connect(path)
-    conn.execute(_MIGRATIONS[0])
+    # Schema 1 as gateways before schema 2 wrote it: a fact the migrations must keep reading.
+    conn.execute(
+        "CREATE TABLE transcripts (tenant TEXT NOT NULL DEFAULT '', id TEXT NOT NULL,"
+        " engine TEXT NOT NULL, language TEXT NOT NULL DEFAULT '', segments BLOB NOT NULL,"
+        " words BLOB NOT NULL, text TEXT NOT NULL, duration REAL, created_at REAL NOT NULL,"
+        " corrected BLOB, corrected_at REAL, PRIMARY KEY (tenant, id)) WITHOUT ROWID"
+    )
     conn.execute(
         "INSERT INTO transcripts (tenant, id, engine, segments, words, text, created_at)"
         " VALUES ('', 'abc', 'e', '[]', '[]', 'old', 1.0)"

@@ -84,3 +84,22 @@ def test_modules_import_only_exported_names_from_each_other(path: Path) -> None:
             if alias.name not in target.__all__:
                 wrong.append(f"{alias.name} from {source}")
     assert not wrong, f"{name} imports unexported names: {wrong}"
+
+
+def test_tests_import_no_private_names() -> None:
+    """Tests use what modules export. Engine internals in ``_``-prefixed modules (the pure wire
+    protocols, the replay ledger, the pacer) are imported through their ``__all__``, as the
+    adapters they are; a ``_name`` inside any module is never reached for."""
+    wrong = []
+    for path in sorted((GATEWAY.parent / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gateway"):
+                module = importlib.import_module(node.module or "")
+                for alias in node.names:
+                    submodule = getattr(module, alias.name, None)
+                    if isinstance(submodule, type(module)):
+                        continue
+                    private = alias.name.startswith("_") and not alias.name.endswith("__")
+                    if private or alias.name not in module.__all__:
+                        wrong.append(f"{path.name}: {alias.name} from {node.module}")
+    assert not wrong, wrong
