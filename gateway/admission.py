@@ -204,6 +204,11 @@ class Admission:
     def active(self) -> int:
         return sum(u.sessions for u in self._upstreams.values())
 
+    @property
+    def capacity(self) -> int:
+        """Sessions that may run at once, over every upstream key."""
+        return sum(u.capacity for u in self._upstreams.values())
+
     def sessions(self) -> dict[str, int]:
         return {k: u.sessions for k, u in self._upstreams.items()}
 

@@ -138,8 +138,15 @@ class Engine(abc.ABC):
         return None
 
     def stats(self) -> dict[str, Any]:
-        """Figures for /readyz and /metrics (sessions, queue length, upstream health...)."""
-        return {}
+        """Figures for /readyz and /metrics (sessions, queue length, upstream health...); by
+        default what admission knows. Names come from :data:`gateway.metrics.ENGINE_STATS`."""
+        stats: dict[str, Any] = {
+            "sessions": self.admission.active,
+            "queue_length": self.admission.queue_length,
+        }
+        if self.admission.capacity < UNLIMITED:
+            stats["capacity"] = self.admission.capacity
+        return stats
 
     async def aclose(self) -> None:  # noqa: B027 - a hook: most engines hold nothing
         """Release engine-wide resources. Idempotent."""

@@ -273,12 +273,5 @@ class PocketSphinxEngine(Engine):
                 await session.aclose()
                 await self._release(pooled, session)
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "sessions": self.admission.active,
-            "capacity": self.workers,
-            "queue_length": self.admission.queue_length,
-        }
-
     async def aclose(self) -> None:
         self._idle.clear()

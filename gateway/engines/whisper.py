@@ -471,13 +471,6 @@ class WhisperEngine(Engine):
         language = self.resolve_language(options.language)
         yield _WhisperSession(self, self._model, language)
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "sessions": self.admission.active,
-            "capacity": self.workers,
-            "queue_length": self.admission.queue_length,
-        }
-
     async def aclose(self) -> None:
         self._model = None
         with anyio.CancelScope(shield=True):
