@@ -270,7 +270,18 @@ _NATIVE_SCHEMAS: dict[str, Schema] = {
         "additionalProperties": False,
         "properties": {"segments": {"type": "array", "items": _ref("SegmentIn")}},
     },
-    "NativeSnapshot": {"type": "object", "required": list(_SNAPSHOT), "properties": _SNAPSHOT},
+    "NativeSnapshot": {
+        "type": "object",
+        "required": [*_SNAPSHOT, "committed"],
+        "properties": {
+            **_SNAPSHOT,
+            "committed": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "how many segments are final; the rest may still be revised",
+            },
+        },
+    },
     "NativeQueued": {
         "type": "object",
         "required": ["position"],
@@ -483,9 +494,10 @@ _OPENAI_SCHEMAS: dict[str, Schema] = {
     },
     "OpenAIModel": {
         "type": "object",
-        "required": ["id", "object", "created", "owned_by"],
+        "required": ["id", "root", "object", "created", "owned_by"],
         "properties": {
             "id": {"type": "string"},
+            "root": {"type": "string", "description": "the engine this model runs on"},
             "object": {"const": "model"},
             "created": {"type": "integer"},
             "owned_by": {"type": "string"},

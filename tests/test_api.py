@@ -56,6 +56,10 @@ async def test_stream_embedded_engine_live_then_done(tmp_path: Path) -> None:
     times = [s["current_time"] for s in snapshots]
     assert times == sorted(times)
     assert all(s["total_time"] == pytest.approx(24.73, abs=0.01) for s in snapshots)
+    # Each snapshot says how many of its segments are final; that prefix only grows.
+    committed = [s["committed"] for s in snapshots]
+    assert committed == sorted(committed) and committed[-1] > 0
+    assert all(0 <= s["committed"] <= len(s["segments"]) for s in snapshots)
     done = events[-1].data
     assert done["cached"] is False
     assert set(done) == {

@@ -31,6 +31,7 @@ def full_frame(t: Transcript) -> bytes:
         "text": t.text,
         "current_time": t.current_time,
         "total_time": t.total_time,
+        "committed": t.committed,
     }
     return b"event: transcription\r\ndata: " + _encoder.encode(payload) + b"\r\n\r\n"
 

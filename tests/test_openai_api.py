@@ -474,6 +474,8 @@ async def test_models_list_retrieve_and_aliases(tmp_path: Path) -> None:
     assert page.object == "list"
     assert [m.id for m in page.data] == ["fake", "other", "whisper-1", "gpt-4o-transcribe"]
     assert all(m.object == "model" and m.owned_by == "asr-gateway" for m in page.data)
+    # Each model names the engine it runs on: an alias of "" runs on the default engine.
+    assert [getattr(m, "root", None) for m in page.data] == ["fake", "other", "fake", "other"]
     assert model.id == "gpt-4o-transcribe"
     assert missing.value.code == "model_not_found"
     assert default.text == "from fake" and aliased.text == "from other"

@@ -33,13 +33,15 @@ class _Snapshot(msgspec.Struct):
 
 
 class _LiveSnapshot(msgspec.Struct):
-    """A :class:`_Snapshot` with its segments already encoded: the same fields, the same bytes."""
+    """A :class:`_Snapshot` with its segments already encoded, and how many of them are
+    committed: the rest are the engine's tentative tail, which later snapshots may revise."""
 
     id: str
     segments: msgspec.Raw
     text: str
     current_time: float
     total_time: float | None
+    committed: int
 
 
 class _Final(_Snapshot, omit_defaults=True):
@@ -137,7 +139,9 @@ class NativeTranslator:
             comma = b"," if self._kept_json else b""
             segments = b"".join((b"[", self._kept_json, comma, memoryview(tail)[1:]))
             text = _join(self._kept_text, join_text(tentative))
-        return _LiveSnapshot(t.id, msgspec.Raw(segments), text, t.current_time, t.total_time)
+        return _LiveSnapshot(
+            t.id, msgspec.Raw(segments), text, t.current_time, t.total_time, t.committed
+        )
 
     def encode(self, event: StreamEvent) -> bytes | None:
         if isinstance(event, Progress):

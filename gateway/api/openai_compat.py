@@ -115,6 +115,9 @@ class _Verbose(msgspec.Struct, omit_defaults=True):
 
 class _Model(msgspec.Struct):
     id: str
+    # The engine this model runs on: its own name for an engine, the target of an alias (the
+    # name the native API's ``engine`` option takes). vLLM's model objects use the same field.
+    root: str
     object: str = "model"
     created: int = 0
     owned_by: str = OWNER
@@ -341,8 +344,12 @@ _transcriptions = Transcribe(
 
 
 def _models(state: GatewayState) -> list[_Model]:
-    names = [*state.engines, *(a for a in state.config.openai.aliases if a not in state.engines)]
-    return [_Model(name) for name in names]
+    aliases = state.config.openai.aliases
+    engines = [_Model(name, name) for name in state.engines]
+    aliased = [
+        _Model(a, state.engine(e).name) for a, e in aliases.items() if a not in state.engines
+    ]
+    return [*engines, *aliased]
 
 
 async def list_models(request: Request) -> Response:
