@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from . import metrics, openapi
+from . import metrics, openapi, web
 from .api import aymurai, native, openai_compat
 from .api.common import ErrorResponder
 from .auth import AuthMiddleware, KeyRing
@@ -149,6 +149,7 @@ def create_app(config: Config) -> Starlette:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *openapi.routes(config),
+        *web.routes(),
     ]
     # The access log is outermost, so that refused requests are logged with their X-Request-ID too.
     middleware = [Middleware(RequestLogMiddleware)]
@@ -160,6 +161,7 @@ def create_app(config: Config) -> Starlette:
                 keys=keys,
                 error_response=error_response_for,
                 protect_metrics=config.auth.protect_metrics,
+                public_paths=web.PUBLIC_PATHS,
             )
         )
     return Starlette(

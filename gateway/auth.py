@@ -256,11 +256,14 @@ class AuthMiddleware:
         *,
         error_response: ErrorResponderFor,
         protect_metrics: bool = False,
+        public_paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.keys = keys
         self.error_response = error_response
-        self.open_paths = OPEN_PATHS if protect_metrics else OPEN_PATHS | {"/metrics"}
+        # ``public_paths``: what holds no data and must load before a key is known (the web page).
+        open_paths = OPEN_PATHS | public_paths
+        self.open_paths = open_paths if protect_metrics else open_paths | {"/metrics"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import exports
+from . import exports, web
 from .api import openai_compat
 from .config import Config
 from .events import MAX_SECONDS
@@ -689,6 +689,32 @@ def _operations(config: Config) -> dict[str, Schema]:
     }
 
 
+def _web() -> dict[str, Schema]:
+    """The web page and its assets (public even with auth on: they hold no data)."""
+
+    def asset(name: str, media_type: str) -> Schema:
+        return {
+            "get": {
+                "operationId": f"web_{name.replace('.', '_')}",
+                "summary": f"The web page's {name}",
+                "responses": {"200": _text(media_type.split(";")[0], description=name)},
+            }
+        }
+
+    page = {
+        "operationId": "web_page",
+        "summary": "The web page: upload a recording, watch, correct and export its transcript",
+        "parameters": [
+            _query("id", {"type": "string"}, "a stored transcript to reopen (a permalink)")
+        ],
+        "responses": {"200": _text("text/html", description="the page")},
+    }
+    return {
+        "/": {"get": page},
+        **{f"/web/{name}": asset(name, media) for name, media in web.ASSETS.items()},
+    }
+
+
 _READINESS = {
     "type": "object",
     "required": ["status", "reasons", "engines"],
@@ -713,7 +739,8 @@ def document(config: Config, version: str = "") -> Schema:
                 + ", ".join(f"{api}: {name}" for api, name in ERROR_SCHEMAS.items())
                 + ". Unknown paths and methods are coded 404/405 in the shape of the path's API;"
                 " bytes that do not frame an HTTP request get 400 MALFORMED_REQUEST (431"
-                " HEADERS_TOO_LARGE) in all three shapes at once."
+                " HEADERS_TOO_LARGE) in all three shapes at once. GET / serves a web page"
+                " that uses the native API."
             ),
         },
         "paths": {
@@ -721,6 +748,7 @@ def document(config: Config, version: str = "") -> Schema:
             **_openai(config),
             **_aymurai(),
             **_operations(config),
+            **_web(),
         },
         "components": {
             "schemas": {

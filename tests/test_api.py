@@ -701,11 +701,13 @@ async def test_unknown_paths_and_methods_are_coded_native_errors(tmp_path: Path)
     config = make_config(tmp_path, engines=engines(fake=scripted(words=["a"])))
     with trio.fail_after(30):
         async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
-            missing = [await c.get(p) for p in ("/", "/nope", "/v1/nope", "/v1/transcriptions/a/b")]
+            paths = ("/web/nope.js", "/nope", "/v1/nope", "/v1/transcriptions/a/b")
+            missing = [await c.get(p) for p in paths]
             wrong = [
                 await c.get("/v1/transcriptions"),
                 await c.delete("/v1/transcriptions/abc"),
                 await c.post("/healthz"),
+                await c.post("/"),  # the web page
             ]
     for r in missing:
         assert r.status_code == 404 and r.headers["content-type"] == "application/json"

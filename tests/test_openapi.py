@@ -59,7 +59,7 @@ def test_every_route_and_method_of_the_app_is_in_the_document_and_nothing_else(
         for method in route.methods or ()
         if method != "HEAD"  # Starlette adds HEAD to every GET
     }
-    assert len(served) == 15
+    assert len(served) == 19
     assert _operations(openapi.document(config)) == served
 
 
@@ -74,7 +74,7 @@ def test_the_document_is_valid_openapi_3_1_and_every_ref_resolves(tmp_path: Path
     # schemathesis refuses a document that is not valid OpenAPI; every operation must load.
     schema = schemathesis.openapi.from_dict(spec)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 15
+    assert len(operations) == 19
 
 
 def test_option_values_come_from_the_code_and_the_configuration(tmp_path: Path) -> None:
