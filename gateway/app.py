@@ -23,7 +23,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import metrics, openapi, web
-from .api import aymurai, native, openai_compat
+from .api import aymurai, live, native, openai_compat
 from .api.common import ErrorResponder
 from .auth import AuthMiddleware, KeyRing
 from .config import Config
@@ -143,6 +143,7 @@ def create_app(config: Config) -> Starlette:
 
     routes = [
         *native.routes(),
+        *live.routes(),
         *aymurai.routes(),
         *openai_compat.routes(),
         Route("/healthz", healthz, methods=["GET"]),

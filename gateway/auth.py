@@ -44,6 +44,7 @@ from .errors import ConfigError, GatewayError, Unauthorized
 from .logs import current_request
 
 __all__ = [
+    "BEARER_SUBPROTOCOL",
     "KEY_PREFIX",
     "AuthMiddleware",
     "ErrorResponderFor",
@@ -244,10 +245,31 @@ def _bearer(headers: Headers) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
+#: A WebSocket subprotocol that carries a key: browsers cannot set headers on a WebSocket, but
+#: they can offer subprotocols (``new WebSocket(url, ["asr-gateway", "bearer.<key>"])``).
+BEARER_SUBPROTOCOL = "bearer."
+
+
+def _websocket_key(scope: Scope, headers: Headers) -> str | None:
+    """A WebSocket's key: ``Authorization: Bearer`` (programmatic clients) or else a
+    ``bearer.<key>`` subprotocol, which is taken out of the scope so that the app can never
+    echo it back. Never a key in the URL: URLs end up in logs and browser histories."""
+    offered: list[str] = scope.get("subprotocols", [])
+    carried = [p for p in offered if p.startswith(BEARER_SUBPROTOCOL)]
+    if carried:
+        scope["subprotocols"] = [p for p in offered if not p.startswith(BEARER_SUBPROTOCOL)]
+    key = _bearer(headers)
+    if key is None and carried:
+        key = carried[0][len(BEARER_SUBPROTOCOL) :] or None
+    return key
+
+
 class AuthMiddleware:
     """Requires ``Authorization: Bearer <key>`` on every route but health, readiness and (unless
     protected) metrics, and puts the key's tenant in ``scope["state"]["tenant"]``; a refusal is
-    answered by ``error_response`` in the shape of the API the path belongs to."""
+    answered by ``error_response`` in the shape of the API the path belongs to. A WebSocket may
+    carry its key in a subprotocol instead (see :func:`_websocket_key`), and is refused before
+    the upgrade, with the same HTTP answer."""
 
     def __init__(
         self,
@@ -266,11 +288,11 @@ class AuthMiddleware:
         self.open_paths = open_paths if protect_metrics else open_paths | {"/metrics"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        key = _bearer(headers)
+        key = _bearer(headers) if scope["type"] == "http" else _websocket_key(scope, headers)
         try:
             if key is None:
                 raise Unauthorized("an API key is required: Authorization: Bearer <key>")

@@ -63,6 +63,9 @@ class ServerConfig(_Section, frozen=True):
     max_session_seconds: Annotated[float, msgspec.Meta(gt=0)] = 4 * 3600.0
     # On SIGTERM: seconds in-flight streams get to finish before they end with SHUTTING_DOWN.
     shutdown_grace: PositiveFloat = 30.0
+    # Seconds a live WebSocket client may send nothing before its stream ends with TIMEOUT (it
+    # gets WebSocket pings every `keepalive` seconds meanwhile).
+    live_idle_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
 
 class StoreConfig(_Section, frozen=True):

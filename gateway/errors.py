@@ -13,6 +13,7 @@ module with ``raise ... from exc``.
     │   ├── EmptyFile                 EMPTY_FILE             400
     │   ├── InvalidOption             INVALID_OPTION         400
     │   ├── InvalidBody               INVALID_BODY           400
+    │   ├── InvalidMessage            INVALID_MESSAGE        400 (a live stream's control frame)
     │   └── MalformedRequest          MALFORMED_REQUEST      400 (HTTP framing, see server)
     ├── Unauthorized                  UNAUTHORIZED           401
     ├── RequestTimeout                REQUEST_TIMEOUT        408
@@ -60,6 +61,7 @@ __all__ = [
     "HeadersTooLarge",
     "InternalError",
     "InvalidBody",
+    "InvalidMessage",
     "InvalidOption",
     "MalformedRequest",
     "MethodNotAllowed",
@@ -122,6 +124,12 @@ class InvalidOption(BadRequest):
 
 class InvalidBody(BadRequest):
     code = "INVALID_BODY"
+
+
+class InvalidMessage(BadRequest):
+    """A message on a live stream that the protocol does not allow (after the upgrade)."""
+
+    code = "INVALID_MESSAGE"
 
 
 class MalformedRequest(BadRequest):

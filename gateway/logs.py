@@ -147,21 +147,30 @@ def _error_code(body: bytes) -> str | None:
     return code.upper() if isinstance(code, str) and code else None
 
 
+# A WebSocket that was accepted is logged with the handshake's status.
+SWITCHING_PROTOCOLS = 101
+
+
 class RequestLogMiddleware:
-    """Tags each HTTP request with an X-Request-ID and writes its access line when it ends."""
+    """Tags each HTTP request with an X-Request-ID and writes its access line when it ends.
+
+    A WebSocket is one request too: its line is written when the socket ends, with status 101
+    once accepted (or the status of its refusal), the audio bytes received as ``bytes_in``, and
+    its stream's outcome.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         started = anyio.current_time()
         client = scope.get("client")
         entry = RequestLog(
             request_id=_request_id(scope),
-            method=scope["method"],
+            method=scope.get("method", "GET"),
             path=scope["path"],
             client=client[0] if client else "",
         )
@@ -174,17 +183,29 @@ class RequestLogMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 entry.bytes_in += len(message.get("body", b""))
+            elif message["type"] == "websocket.receive":
+                entry.bytes_in += len(message.get("bytes") or b"")
             return message
 
         async def tagging_send(message: Message) -> None:
             nonlocal peek
-            if message["type"] == "http.response.start":
+            # A WebSocket refused before its upgrade is answered with the same HTTP messages,
+            # named "websocket.http.response.*".
+            kind = message["type"].removeprefix("websocket.")
+            if kind == "accept":
+                entry.status = SWITCHING_PROTOCOLS
+                headers = [*message.get("headers", [])]
+                headers.append((b"x-request-id", entry.request_id.encode()))
+                message = {**message, "headers": headers}
+            elif kind == "send" and entry.ttfb_s is None:
+                entry.ttfb_s = round(anyio.current_time() - started, 6)
+            elif kind == "http.response.start":
                 entry.status = message["status"]
                 MutableHeaders(scope=message)["X-Request-ID"] = entry.request_id
                 content_type = MutableHeaders(scope=message).get("content-type", "")
                 if entry.status >= 400 and content_type.startswith("application/json"):
                     peek = bytearray()
-            elif message["type"] == "http.response.body":
+            elif kind == "http.response.body":
                 body = message.get("body", b"")
                 if body and entry.ttfb_s is None:
                     entry.ttfb_s = round(anyio.current_time() - started, 6)

@@ -208,6 +208,18 @@ class Job:
     stop: StopSignal | None = None
     # Called exactly once by aclose(): releases what admitting the job took (slots, counters).
     on_close: list[Callable[[], None]] = field(default_factory=list)
+    # Set by fail(): the error the job ends with instead, and the scope fail() cancels.
+    _failure: GatewayError | None = field(default=None, init=False, repr=False)
+    _scope: anyio.CancelScope | None = field(default=None, init=False, repr=False)
+
+    def fail(self, error: GatewayError) -> None:
+        """End the job with ``error`` now, queued or running: for a source whose client broke its
+        protocol (a live client silent for too long, a malformed control frame). The first
+        failure wins; a job whose transcript is complete ignores it."""
+        if self._failure is None:
+            self._failure = error
+            if self._scope is not None:
+                self._scope.cancel()
 
     def snapshot(self, update: EngineUpdate) -> Transcript:
         segments = update.committed + update.tentative
@@ -353,17 +365,24 @@ class StopSignal:
 
 
 async def _transcribe_bounded(job: Job, outbox: Outbox) -> Transcript:
-    """``_transcribe`` under the job's deadline, and stopped when the gateway shuts down."""
+    """``_transcribe`` under the job's deadline, stopped when the gateway shuts down or when
+    :meth:`Job.fail` is called."""
     transcript: Transcript | None = None
     with anyio.CancelScope(deadline=job.started_at + job.max_seconds) as scope:
         unregister = job.stop.register(scope) if job.stop is not None else None
+        job._scope = scope
+        if job._failure is not None:
+            scope.cancel()
         try:
             transcript = await _transcribe(job, outbox)
         finally:
+            job._scope = None
             if unregister is not None:
                 unregister()
     if transcript is not None:
         return transcript
+    if job._failure is not None:
+        raise job._failure
     if job.stop is not None and job.stop.is_set():
         raise ShuttingDown("the gateway is shutting down")
     raise Timeout(f"the transcription ran longer than {job.max_seconds:g} s")

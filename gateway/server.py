@@ -160,6 +160,8 @@ def hypercorn_config(config: Config, bind: str | None = None) -> HypercornConfig
     # in: that is the slow-loris header limit, and the idle keep-alive limit at once.
     hc.keep_alive_timeout = config.server.header_timeout
     hc.ssl_handshake_timeout = config.server.header_timeout
+    # Live WebSockets get a ping whenever an SSE stream would get a keepalive comment.
+    hc.websocket_ping_interval = config.server.keepalive or None
     # The gateway writes its own access log; hypercorn's errors go through the root handlers (JSON
     # or text, see gateway.logs) instead of a plain stderr handler of hypercorn's own.
     hc.accesslog = None

@@ -91,10 +91,8 @@ def _join(a: str, b: str) -> str:
     return f"{a} {b}" if a and b else a or b
 
 
-_TRANSCRIPTION = b"event: transcription\r\ndata: "
-_DONE = b"event: done\r\ndata: "
-_ERROR = b"event: error\r\ndata: "
-_QUEUED = b"event: queued\r\ndata: "
+_EVENT = b"event: "
+_DATA = b"\r\ndata: "
 _END = b"\r\n\r\n"
 
 
@@ -115,10 +113,6 @@ class NativeTranslator:
         self._kept: tuple[Segment, ...] = ()
         self._kept_json = bytearray()  # the kept segments' JSON objects, comma-separated
         self._kept_text = ""
-
-    @staticmethod
-    def _frame(prefix: bytes, payload: object) -> bytes:
-        return b"".join((prefix, _encoder.encode(payload), _END))
 
     def _snapshot(self, t: Transcript) -> _LiveSnapshot:
         committed = t.segments[: t.committed]
@@ -143,14 +137,20 @@ class NativeTranslator:
             t.id, msgspec.Raw(segments), text, t.current_time, t.total_time, t.committed
         )
 
-    def encode(self, event: StreamEvent) -> bytes | None:
+    def event(self, event: StreamEvent) -> tuple[bytes, bytes]:
+        """The event's type (``transcription``, ``done``, ``error``, ``queued``) and its JSON
+        object: the one encoding of the native events, for SSE and for the live WebSocket."""
         if isinstance(event, Progress):
-            return self._frame(_TRANSCRIPTION, self._snapshot(event.transcript))
+            return b"transcription", _encoder.encode(self._snapshot(event.transcript))
         if isinstance(event, Done):
-            return self._frame(_DONE, _final(event))
+            return b"done", _encoder.encode(_final(event))
         if isinstance(event, Failed):
-            return self._frame(_ERROR, _Error(event.code, event.detail))
-        return self._frame(_QUEUED, {"position": event.position})
+            return b"error", _encoder.encode(_Error(event.code, event.detail))
+        return b"queued", _encoder.encode({"position": event.position})
+
+    def encode(self, event: StreamEvent) -> bytes | None:
+        name, payload = self.event(event)
+        return b"".join((_EVENT, name, _DATA, payload, _END))
 
 
 def error_response(exc: GatewayError) -> Response:
