@@ -126,6 +126,23 @@ def upload(page: Page, path: Path, *, engine: str = "") -> None:
     page.get_by_role("button", name="Transcribe").click()
 
 
+def watch(page: Page) -> None:
+    """Record in ``window.seen`` what the page showed on the way: the progress bar's values, and
+    the transcript's committed and tentative parts."""
+    page.evaluate(
+        """() => {
+          window.seen = {percents: [], parts: []};
+          const text = (selector) => document.querySelector(selector)?.textContent ?? '';
+          new MutationObserver(() => {
+            window.seen.percents.push(document.getElementById('progress').value);
+            window.seen.parts.push(
+              [text('#transcript .committed'), text('#transcript .tentative').trim()]);
+          }).observe(document.body, {subtree: true, childList: true, characterData: true,
+                                     attributes: true});
+        }"""
+    )
+
+
 def wait_status(page: Page, test: str) -> None:
     """Wait until the status line passes ``test``, a JavaScript string method call. (A function,
     not an expression: Playwright evaluates expressions with eval, which the page's CSP refuses.)"""
@@ -183,17 +200,7 @@ async def test_upload_a_recording_with_whisper_streams_to_done_with_exports(
 
     def script(page: Page) -> dict[str, Any]:
         page.goto(url)
-        # Record what the transcript region showed on the way: tentative tails, progress.
-        page.evaluate(
-            """() => {
-              window.seen = {tentative: false, percents: []};
-              new MutationObserver(() => {
-                if (document.querySelector('#transcript .tentative')) window.seen.tentative = true;
-                window.seen.percents.push(document.getElementById('progress').value);
-              }).observe(document.body, {subtree: true, childList: true, characterData: true,
-                                         attributes: true});
-            }"""
-        )
+        watch(page)
         upload(page, JFK, engine="embedded")
         wait_done(page)
         screenshot(page, "upload-done.png")
@@ -231,6 +238,50 @@ async def test_upload_a_recording_with_whisper_streams_to_done_with_exports(
     assert seen["links"] == [*(f"{base}?format={f}" for f in ("txt", "srt", "vtt", "json")),
                              f"/?id={id_.group(1)}"]  # fmt: skip
     assert seen["srt"].startswith("1\n00:00:00,000 --> ") and "country" in seen["srt"]
+
+
+async def test_the_tentative_tail_is_shown_apart_from_the_committed_text(tmp_path: Path) -> None:
+    # The scripted engine commits a word per 0.7 s of audio (not a multiple of the decoder's
+    # chunks) and shows the next one, partly heard, as tentative; a delay per update lets the page
+    # render each snapshot.
+    engines = {
+        "fake": {
+            "kind": "scripted",
+            "words": ["hello", "web", "page"],
+            "seconds_per_word": 0.7,
+            "delay": 0.1,
+        }
+    }
+
+    def script(page: Page) -> dict[str, Any]:
+        page.goto(url)
+        watch(page)
+        upload(page, SHORT)
+        wait_done(page)
+        seen: dict[str, Any] = page.evaluate("window.seen")
+        # How a tentative tail looks: in italics (and a muted colour).
+        seen["style"] = page.evaluate(
+            """() => {
+              const span = document.createElement('span');
+              span.className = 'tentative';
+              document.getElementById('transcript').append(span);
+              const style = getComputedStyle(span).fontStyle;
+              span.remove();
+              return style;
+            }"""
+        )
+        return seen
+
+    with trio.fail_after(GUARD):
+        async with gateway(_config(tmp_path, engines)) as gw:
+            url = gw.url
+            seen = await browse(script)
+    parts = [tuple(p) for p in seen["parts"]]
+    # "web" was shown as the tentative tail before it was committed; the end has no tail.
+    assert ("hello", "web") in parts
+    assert parts.index(("hello", "web")) < parts.index(("hello web", ""))
+    assert parts[-1] == ("hello web page", "")
+    assert seen["style"] == "italic"
 
 
 async def test_the_same_upload_again_says_from_cache(tmp_path: Path) -> None:
@@ -364,7 +415,7 @@ async def test_the_permalink_reopens_a_stored_transcript(tmp_path: Path) -> None
             "text": page.inner_text("#transcript"),
             "corrected": page.is_visible("#corrected"),
             "progress": page.eval_on_selector("#progress", "p => p.value"),
-            "editor": page.is_visible("#segments input"),
+            "editor": page.is_visible("#segments textarea"),
         }
         page.goto(f"{url}/?id={'0' * 32}")
         page.wait_for_selector("#error", state="visible")

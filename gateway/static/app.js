@@ -370,10 +370,10 @@
         const label = document.createElement("label");
         label.htmlFor = `segment-${i}`;
         label.textContent = `${formatTime(segment.start)} – ${formatTime(segment.end)}`;
-        const input = document.createElement("input");
-        input.type = "text";
+        const input = document.createElement("textarea");
         input.id = `segment-${i}`;
         input.value = segment.text.trim();
+        input.rows = Math.max(1, Math.ceil(input.value.length / 72));
         item.append(label, input);
         return item;
       }),
