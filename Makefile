@@ -29,6 +29,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/embedded.py
+	$(BIN)/python bench/live.py
 	$(BIN)/python bench/pacing.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/idle.py
