@@ -23,7 +23,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import metrics, openapi, web
-from .api import aymurai, live, native, openai_compat
+from .api import aymurai, live, native, openai_compat, realtime
 from .api.common import ErrorResponder
 from .auth import AuthMiddleware, KeyRing
 from .config import Config
@@ -41,7 +41,7 @@ _json = msgspec.json.Encoder()
 
 # The paths each front API owns besides the native one, which answers all others (health too).
 _FRONT_ERRORS: tuple[tuple[tuple[str, ...], ErrorResponder], ...] = (
-    (("/v1/audio/", "/v1/models"), openai_compat.error_response),
+    (("/v1/audio/", "/v1/models", realtime.PATH), openai_compat.error_response),
     (("/asr/",), aymurai.error_response),
 )
 
@@ -144,6 +144,7 @@ def create_app(config: Config) -> Starlette:
     routes = [
         *native.routes(),
         *live.routes(),
+        *realtime.routes(),
         *aymurai.routes(),
         *openai_compat.routes(),
         Route("/healthz", healthz, methods=["GET"]),

@@ -33,6 +33,7 @@ __all__ = [
     "MIN_COMMIT_BYTES",
     "SAMPLE_RATE",
     "SESSION_EXPIRED",
+    "Cleared",
     "Committed",
     "ErrorEvent",
     "ErrorInfo",
