@@ -4,7 +4,9 @@ The page (gateway/static/: index.html, app.js, app.css, icon.svg) talks to the g
 public API, the way any client does: ``GET /v1/models`` for the engine picker,
 ``POST /v1/transcriptions/stream`` read as SSE with ``fetch`` (an ``EventSource`` cannot POST),
 ``GET /v1/transcriptions/{id}`` for exports and permalinks, ``PUT .../corrections`` for the
-editor. There is no build step and nothing is fetched from elsewhere: users may be offline.
+editor, and the live WebSocket ``/v1/transcriptions/live`` for the microphone (WebM/Opus from
+MediaRecorder, ``format=auto``; a key as the ``bearer.<key>`` subprotocol). There is no build
+step and nothing is fetched from elsewhere: users may be offline.
 
 The page and its assets are public even with auth on (they hold no data; the page asks for a key
 and sends it as a Bearer header on API calls). Every answer carries a strict Content-Security-Policy

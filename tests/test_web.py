@@ -9,6 +9,7 @@ Content-Security-Policy violation fails its test.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import httpx
 import pytest
 import trio
 from conftest import Gateway, make_config, run_gateway, sse_events
+from wer import pooled_wer
 
 from gateway.auth import add_key
 from gateway.config import Config
@@ -64,11 +66,11 @@ def _chromium() -> str:
 
 
 @contextmanager
-def _page(chromium: str) -> Iterator[tuple[Page, list[str]]]:
+def _page(chromium: str, args: tuple[str, ...]) -> Iterator[tuple[Page, list[str]]]:
     """A fresh browser page, and the list its uncaught errors and CSP violations go to."""
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=chromium, headless=True, args=BROWSER_ARGS, timeout=STEP_MS
+            executable_path=chromium, headless=True, args=[*BROWSER_ARGS, *args], timeout=STEP_MS
         )
         try:
             page = browser.new_context(accept_downloads=True).new_page()
@@ -88,17 +90,26 @@ def _page(chromium: str) -> Iterator[tuple[Page, list[str]]]:
             browser.close()
 
 
-def _run_script(chromium: str, script: Callable[[Page], T]) -> T:
-    with _page(chromium) as (page, problems):
+def _run_script(chromium: str, script: Callable[[Page], T], args: tuple[str, ...]) -> T:
+    with _page(chromium, args) as (page, problems):
         result = script(page)
     assert not problems, problems
     return result
 
 
-async def browse(script: Callable[[Page], T]) -> T:
-    """Run ``script`` on a fresh page in a worker thread; the page must log no error."""
+async def browse(script: Callable[[Page], T], *, microphone: Path | None = None) -> T:
+    """Run ``script`` on a fresh page in a worker thread; the page must log no error.
+    ``microphone``: a WAV file that Chromium's fake capture device plays (once) as the
+    microphone, with the permission prompt answered yes."""
     chromium = _chromium()
-    return await trio.to_thread.run_sync(partial(_run_script, chromium, script))
+    args: tuple[str, ...] = ()
+    if microphone is not None:
+        args = (
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={microphone}%noloop",
+        )
+    return await trio.to_thread.run_sync(partial(_run_script, chromium, script, args))
 
 
 def _config(tmp_path: Path, engines: dict[str, Any] | None = None, **sections: Any) -> Config:
@@ -134,11 +145,42 @@ def watch(page: Page) -> None:
           window.seen = {percents: [], parts: []};
           const text = (selector) => document.querySelector(selector)?.textContent ?? '';
           new MutationObserver(() => {
-            window.seen.percents.push(document.getElementById('progress').value);
+            const bar = document.getElementById('progress');
+            window.seen.percents.push(bar.position === -1 ? null : bar.value);  // -1: no value
             window.seen.parts.push(
               [text('#transcript .committed'), text('#transcript .tentative').trim()]);
           }).observe(document.body, {subtree: true, childList: true, characterData: true,
                                      attributes: true});
+        }"""
+    )
+
+
+def spy_websockets(page: Page) -> None:
+    """Record in ``window.sockets`` each WebSocket the page opens: its URL and subprotocols, the
+    bytes and text frames it sends, and the seconds from its creation to the first text."""
+    page.evaluate(
+        """() => {
+          const Native = window.WebSocket;
+          window.sockets = [];
+          window.WebSocket = function (url, protocols) {
+            const seen = {url, protocols, bytes: 0, texts: [], first_text: null};
+            const born = performance.now();
+            window.sockets.push(seen);
+            const socket = new Native(url, protocols);
+            const send = socket.send.bind(socket);
+            socket.send = (data) => {
+              if (typeof data === 'string') seen.texts.push(data);
+              else seen.bytes += data.byteLength;
+              send(data);
+            };
+            socket.addEventListener('message', (m) => {
+              if (seen.first_text === null && JSON.parse(m.data).text)
+                seen.first_text = (performance.now() - born) / 1000;
+            });
+            return socket;
+          };
+          Object.assign(window.WebSocket, Native);
+          window.WebSocket.prototype = Native.prototype;
         }"""
     )
 
@@ -471,12 +513,22 @@ async def test_with_auth_on_the_page_asks_for_a_key_and_says_when_it_is_wrong(
         out["local"] = page.evaluate("localStorage.length")
         out["text"] = page.inner_text("#transcript")
         out["url"] = page.url
+        # The microphone's WebSocket carries the key as a subprotocol, never in its URL.
+        spy_websockets(page)
+        page.get_by_role("button", name="Record").click()
+        page.wait_for_function(
+            "() => document.getElementById('transcript').textContent.includes('web')"
+        )
+        page.get_by_role("button", name="Stop").click()
+        wait_done(page)
+        out["sockets"] = page.evaluate("window.sockets")
+        out["live_text"] = page.inner_text("#transcript")
         return out
 
     with trio.fail_after(GUARD):
         async with gateway(config) as gw:
             url = gw.url
-            seen = await browse(script)
+            seen = await browse(script, microphone=SHORT)
     assert seen["prompt"] == "This gateway needs an API key."
     assert seen["error_hidden_at_first"] and seen["focused"] == "key-input"
     assert seen["wrong"].startswith("That API key was refused: it is wrong or has been revoked.")
@@ -485,31 +537,77 @@ async def test_with_auth_on_the_page_asks_for_a_key_and_says_when_it_is_wrong(
     assert seen["session"] == [key] and seen["local"] == 0
     assert seen["text"] == "hello web page" and "hello web page" in seen["txt"]
     assert key not in seen["url"]
+    [socket] = seen["sockets"]
+    assert socket["protocols"] == ["asr-gateway", f"bearer.{key}"] and key not in socket["url"]
+    assert seen["live_text"].startswith("hello web")
 
 
-# --- the microphone (until the live endpoint lands) ----------------------------------------------
+# --- the microphone -------------------------------------------------------------------------------
 
 
-async def test_record_and_stop_are_present_but_disabled_with_a_visible_note(
+async def test_record_streams_the_microphone_live_and_stop_gives_the_final_text(
     tmp_path: Path,
 ) -> None:
+    config = _config(tmp_path, {"embedded": {"kind": "whisper", "workers": 1}})
+
     def script(page: Page) -> dict[str, Any]:
         page.goto(url)
-        page.wait_for_selector("#engine option[value='']", state="attached")
+        page.wait_for_selector("#engine option[value='embedded']", state="attached")
+        note = page.inner_text("#live-note")
+        watch(page)
+        spy_websockets(page)
+        page.get_by_role("button", name="Record").click()
+        wait_status(page, "startsWith('Listening')")
+        # The text grows while the recording plays (11 s, in real time); once the engine has
+        # heard all of it, Stop ends the stream.
+        page.wait_for_function(
+            "() => document.getElementById('transcript').textContent.includes('country')"
+        )
+        live_text = page.inner_text("#transcript")
+        wait_status(page, "match(/Transcribing: (1[1-9]|[2-9][0-9])\\./)")
+        page.get_by_role("button", name="Stop").click()
+        wait_done(page)
+        screenshot(page, "live-done.png")
         return {
-            name: (
-                page.get_by_role("button", name=name).is_disabled(),
-                page.get_by_role("button", name=name).get_attribute("aria-describedby"),
-            )
-            for name in ("Record", "Stop")
-        } | {"note": page.inner_text("#live-note"), "visible": page.is_visible("#live-note")}
+            "note": note,
+            "live_text": live_text,
+            "text": page.inner_text("#transcript"),
+            "sockets": page.evaluate("window.sockets"),
+            "percents": page.evaluate("window.seen.percents"),
+            "record": page.is_enabled("#record"),
+            "stop": page.is_disabled("#stop"),
+            "url": page.url,
+        }
 
     with trio.fail_after(GUARD):
-        async with gateway(_config(tmp_path)) as gw:
+        async with gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
             url = gw.url
-            seen = await browse(script)
-    assert seen["Record"] == seen["Stop"] == (True, "live-note")
-    assert seen["visible"] and "not available yet" in seen["note"]
+            seen = await browse(script, microphone=JFK)
+            id_ = seen["url"].rsplit("=", 1)[1]
+            stored = (await c.get(f"/v1/transcriptions/{id_}")).json()
+    assert seen["note"] == "Record streams your microphone; Stop ends it."
+    [socket] = seen["sockets"]
+    assert socket["url"] == f"{url.replace('http', 'ws')}/v1/transcriptions/live?format=auto"
+    assert socket["protocols"] == ["asr-gateway"] and socket["texts"] == ['{"type":"end"}']
+    # WebM/Opus at 32 kbit/s: a quarter of the 32 KB/s of 16 kHz PCM, or less. The measurements go to
+    # the artifacts (bytes per second of audio, seconds from Record to the first text).
+    rate = socket["bytes"] / stored["current_time"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "live-measure.json").write_text(
+        json.dumps({"bytes_per_audio_second": rate, "first_text_seconds": socket["first_text"]})
+    )
+    assert rate < 8_000 and socket["first_text"] < 11
+    # The fake microphone plays the recording through Opus at 48 kHz: the final text is close to
+    # the reference, not equal to it.
+    reference = (DATA / "whisper_jfk.txt").read_text()
+    assert pooled_wer([(reference, seen["text"])]) <= 0.35, seen["text"]
+    for words in ("fellow", "your country", "can do for"):
+        assert words in seen["text"].lower()
+    assert "country" in seen["live_text"]  # text arrived before Stop
+    # A live stream has no length: the bar had no value until done filled it.
+    assert None in seen["percents"] and seen["percents"][-1] == 100
+    assert seen["record"] and seen["stop"]
+    assert stored["text"] == seen["text"] and stored["engine"] == "embedded"
 
 
 def test_the_pages_files_are_package_data() -> None:

@@ -30,6 +30,8 @@
     STORE_ERROR: "The transcript could not be stored.",
     INTERNAL_ERROR: "The gateway failed unexpectedly.",
     NETWORK: "The gateway could not be reached.",
+    MICROPHONE: "The microphone could not be opened (permission refused, or no microphone).",
+    LIVE_REFUSED: "The gateway refused the live stream (the key, the engine or its capacity).",
     DISCONNECTED: "The connection closed before the transcript was done.",
   };
 
@@ -243,6 +245,7 @@
   // --- upload ------------------------------------------------------------------------------------
 
   function setBusy(busy) {
+    $("record").disabled = busy || !live.supported();
     $("transcribe").disabled = busy;
     $("cancel").disabled = !busy;
     $("transcript").setAttribute("aria-busy", String(busy));
@@ -409,17 +412,128 @@
 
   // --- the microphone ----------------------------------------------------------------------------
 
-  // Record and Stop stream the microphone through the live WebSocket endpoint once the gateway
-  // has one; until then they stay disabled and the note says why.
+  // Record streams the microphone through the live WebSocket (GET /v1/transcriptions/live) as
+  // WebM/Opus from MediaRecorder with format=auto, not PCM from an AudioWorklet: at 32 kbit/s
+  // (Chromium's default is 128) Opus is about 4 KB/s where 16 kHz PCM is 32 KB/s, which matters
+  // on a phone's uplink; it needs no worklet module, and the browser encodes off the main
+  // thread. The cost is the recorder's 250 ms slices and an Opus decoder per stream on the
+  // gateway. A key travels as a subprotocol ("bearer.<key>"): a browser cannot set headers on
+  // a WebSocket, and a key in a URL ends up in logs.
+  const SLICE_MS = 250;
+  const OPUS_BITS = 32000;
+  const OPUS_TYPES = ["audio/webm;codecs=opus", "audio/ogg;codecs=opus"];
+
   const live = {
-    available: false,
-    start() {
-      setStatus("Microphone transcription is not available yet.");
+    socket: null,
+    recorder: null,
+    media: null,
+    sending: Promise.resolve(), // audio and the final "end" leave in order
+
+    supported() {
+      return Boolean(
+        navigator.mediaDevices &&
+          window.MediaRecorder &&
+          OPUS_TYPES.some((t) => MediaRecorder.isTypeSupported(t)),
+      );
     },
-    stop() {},
+
+    async start() {
+      resetResult();
+      setLiveBusy(true);
+      try {
+        this.media = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
+      } catch (exc) {
+        showError(new ApiError(0, "MICROPHONE", String(exc.message || exc)));
+        setStatus("Failed.");
+        setLiveBusy(false);
+        return;
+      }
+      const mimeType = OPUS_TYPES.find((t) => MediaRecorder.isTypeSupported(t));
+      const params = new URLSearchParams({ format: "auto" });
+      if ($("engine").value) params.set("engine", $("engine").value);
+      const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+      const protocols = ["asr-gateway", ...(state.key ? [`bearer.${state.key}`] : [])];
+      const url = `${scheme}//${location.host}/v1/transcriptions/live?${params}`;
+      const socket = new WebSocket(url, protocols);
+      const recorder = new MediaRecorder(this.media, { mimeType, audioBitsPerSecond: OPUS_BITS });
+      this.socket = socket;
+      this.recorder = recorder;
+      this.sending = Promise.resolve();
+      let ended = false;
+      const send = (piece) => {
+        this.sending = this.sending.then(async () => {
+          const data = typeof piece === "string" ? piece : await piece.arrayBuffer();
+          if (socket.readyState === WebSocket.OPEN) socket.send(data);
+        });
+      };
+      recorder.addEventListener("dataavailable", (e) => {
+        if (e.data.size) send(e.data);
+      });
+      recorder.addEventListener("stop", () => send(JSON.stringify({ type: "end" })));
+      socket.addEventListener("open", () => {
+        recorder.start(SLICE_MS);
+        setStatus("Listening: press Stop to finish.");
+        $("stop").disabled = false;
+        $("stop").focus();
+      });
+      socket.addEventListener("message", (m) => {
+        const data = JSON.parse(m.data);
+        if (handleEvent({ event: data.type, data })) ended = true;
+      });
+      socket.addEventListener("close", (e) => {
+        this.release();
+        setLiveBusy(false);
+        if (!ended) {
+          // A refusal before the upgrade (a key, an engine, capacity) reaches a browser only as
+          // a close without a frame: its body is not readable from a WebSocket.
+          const code = e.code === 1006 ? "LIVE_REFUSED" : "DISCONNECTED";
+          showError(new ApiError(0, code, e.reason));
+          setStatus("Failed.");
+        }
+      });
+    },
+
+    // Stop the microphone; the recorder's last slice and then "end" go out, and the gateway
+    // answers with done (or error) and closes.
+    stop() {
+      $("stop").disabled = true;
+      if (this.recorder && this.recorder.state !== "inactive") {
+        this.recorder.stop();
+        setStatus("Finishing the transcript…");
+      }
+      this.releaseMedia();
+    },
+
+    releaseMedia() {
+      if (this.media) for (const track of this.media.getTracks()) track.stop();
+      this.media = null;
+    },
+
+    release() {
+      if (this.recorder && this.recorder.state !== "inactive") this.recorder.stop();
+      this.releaseMedia();
+      this.recorder = null;
+      this.socket = null;
+    },
   };
+
+  function setLiveBusy(busy) {
+    $("record").disabled = busy || !live.supported();
+    $("stop").disabled = true; // enabled once the socket is open
+    $("transcribe").disabled = busy;
+    $("transcript").setAttribute("aria-busy", String(busy));
+  }
+
   $("record").addEventListener("click", () => live.start());
   $("stop").addEventListener("click", () => live.stop());
+  if (live.supported()) {
+    $("record").disabled = false;
+    $("live-note").textContent = "Record streams your microphone; Stop ends it.";
+  } else {
+    $("live-note").textContent = window.isSecureContext
+      ? "This browser cannot record Opus audio: microphone transcription is not available."
+      : "The microphone needs HTTPS (or localhost): open the gateway over TLS to record.";
+  }
 
   // --- start -------------------------------------------------------------------------------------
 
