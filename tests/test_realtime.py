@@ -73,6 +73,12 @@ async def next_event(ws: WebSocketConnection, *types: str) -> Event:
             return event
 
 
+def scripted_engine(gw: Gateway) -> ScriptedEngine:
+    engine = gw.state.engines["s"]
+    assert isinstance(engine, ScriptedEngine)
+    return engine
+
+
 def scripted(tmp_path: Path, **sections: Any) -> Any:
     return make_config(tmp_path, engines=SCRIPTED, server={"default_engine": "s"}, **sections)
 
@@ -209,8 +215,7 @@ async def test_g711_audio_and_a_queued_turn(tmp_path: Path) -> None:
     ulaw = b"\xff" * 9600
     with trio.fail_after(30):
         async with run_gateway(config) as gw:
-            engine = gw.state.engines["s"]
-            assert isinstance(engine, ScriptedEngine)
+            engine = scripted_engine(gw)
             async with (
                 open_websocket_url(ws_url(gw)) as holder,
                 open_websocket_url(ws_url(gw)) as ws,
@@ -229,6 +234,7 @@ async def test_g711_audio_and_a_queued_turn(tmp_path: Path) -> None:
                 await ws.send_message(append(ulaw))
                 queued = await next_event(ws, wire.QUEUED_EVENT)
                 assert queued["position"] == 1
+                assert engine.opened == 1, "the holder's turn has the engine's one session"
                 await holder.send_message(json.dumps({"type": "input_audio_buffer.commit"}))
                 await next_event(holder, "conversation.item.done")
                 await ws.send_message(json.dumps({"type": "input_audio_buffer.commit"}))
@@ -276,6 +282,64 @@ async def test_a_commit_of_an_empty_or_short_buffer_is_an_error_and_the_socket_s
                 await ws.send_message(json.dumps(commit))
                 error = (await next_event(ws, "error"))["error"]
                 assert error["code"] == "input_audio_buffer_commit_empty"
+
+
+async def test_a_failed_turn_is_a_failed_event_and_the_next_turn_runs_on_another_engine(
+    tmp_path: Path,
+) -> None:
+    engines = {**SCRIPTED, "bad": {**SCRIPTED["s"], "fail_after": 0}}
+    config = make_config(tmp_path, engines=engines, server={"default_engine": "s"})
+    commit = json.dumps({"type": "input_audio_buffer.commit"})
+    with trio.fail_after(30):
+        async with run_gateway(config) as gw:
+            async with open_websocket_url(ws_url(gw)) as ws:
+                await ws.send_message(manual_session(model="bad"))
+                await ws.send_message(append(bytes(48000)))
+                await ws.send_message(commit)
+                first = await next_event(ws, "input_audio_buffer.committed")
+                failed = await next_event(
+                    ws,
+                    "conversation.item.input_audio_transcription.failed",
+                    "conversation.item.input_audio_transcription.completed",
+                )
+                assert failed["type"].endswith(".failed"), failed
+                assert failed["item_id"] == first["item_id"]
+                assert failed["error"]["code"] == "upstream_error"
+                assert failed["error"]["type"] == "server_error"
+                # The socket goes on; the next turn takes the new model.
+                await ws.send_message(manual_session(model="s"))
+                await ws.send_message(append(bytes(48000)))
+                await ws.send_message(commit)
+                second = await next_event(ws, "input_audio_buffer.committed")
+                assert second["previous_item_id"] == first["item_id"]
+                completed = await next_event(
+                    ws, "conversation.item.input_audio_transcription.completed"
+                )
+                assert (completed["item_id"], completed["transcript"]) == (
+                    second["item_id"],
+                    "one two",
+                )
+
+
+async def test_a_turn_in_progress_ends_with_shutting_down_when_the_gateway_stops(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with run_gateway(scripted(tmp_path)) as gw:
+            engine = scripted_engine(gw)
+            async with open_websocket_url(ws_url(gw)) as ws:
+                await ws.send_message(manual_session())
+                await ws.send_message(append(bytes(48000)))
+                await engine.wait_opened(1)
+                gw.state.drain()
+                # New sessions are refused before the upgrade while draining.
+                assert await refusal(ws_url(gw)) == (503, "shutting_down")
+                gw.state.stop_jobs()
+                error = (await next_event(ws, "error"))["error"]
+                assert (error["type"], error["code"]) == ("server_error", "shutting_down")
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.reason.code == 1001
 
 
 async def test_malformed_frames_are_error_events_and_the_session_goes_on(tmp_path: Path) -> None:
@@ -352,8 +416,7 @@ async def test_a_client_that_leaves_mid_turn_closes_the_engine_session_and_store
     saved: list[Any] = []
     with trio.fail_after(30):
         async with run_gateway(scripted(tmp_path)) as gw:
-            engine = gw.state.engines["s"]
-            assert isinstance(engine, ScriptedEngine)
+            engine = scripted_engine(gw)
             store = gw.state.store
             save = store.save
 

@@ -90,12 +90,16 @@ class WireError(Exception):
     """A client event the server refuses: an ``error`` event, the socket stays open."""
 
     def __init__(
-        self, code: str, message: str, *, param: str | None = None, event_id: str | None = None
+        self,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        event_id: str | None = None,
+        kind: str = INVALID_REQUEST,
     ) -> None:
         super().__init__(message)
-        self.info = ErrorInfo(
-            type=INVALID_REQUEST, code=code, message=message, param=param, event_id=event_id
-        )
+        self.info = ErrorInfo(type=kind, code=code, message=message, param=param, event_id=event_id)
 
 
 # -- client events ------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ than 100 ms: ``input_audio_buffer_commit_empty``) are ``error`` events in OpenAI
 socket stays open. A beta-shaped client (the ``OpenAI-Beta: realtime=v1`` header, or a
 ``transcription_session.update``) gets OpenAI's current answer, ``beta_api_shape_disabled``, then
 close code 4000. Refusals before the upgrade (a missing key, a query without
-``intent=transcription``) are HTTP answers in OpenAI's error shape.
+``intent=transcription``, a draining gateway) are HTTP answers in OpenAI's error shape. When the
+gateway stops, a turn in progress gets an ``error`` event (``shutting_down``), then close 1001.
 
 Like the native live route, this WebSocket route is not in the OpenAPI document (OpenAPI
 describes HTTP operations; :mod:`gateway.openapi` lists only the app's HTTP routes).
@@ -60,7 +61,7 @@ from starlette.websockets import WebSocket
 
 from ..engines._resample import PcmResampler
 from ..engines.vad import WINDOW_SAMPLES, SileroVad, silero_session
-from ..errors import BadRequest, GatewayError, status_of
+from ..errors import BadRequest, GatewayError, ShuttingDown, status_of
 from ..events import Done, Failed, Progress, Queued, join_text
 from ..jobs import GatewayState, JobOptions, prepare_job
 from ..live_audio import PcmStream
@@ -76,6 +77,8 @@ PATH = "/v1/realtime"
 SUBPROTOCOL = "realtime"
 # Beta close code: what OpenAI closes a beta-shaped socket with.
 BETA_CLOSE = 4000
+# After SHUTTING_DOWN: the gateway is stopping.
+GOING_AWAY = 1001
 VAD_RATE = 16_000
 
 
@@ -135,6 +138,7 @@ class _Connection:
         self.vad: _Vad | None = None
         self._events = 0
         self._lock = anyio.Lock()
+        self._scope = anyio.CancelScope()
 
     def _event_id(self) -> str:
         self._events += 1
@@ -152,8 +156,17 @@ class _Connection:
             wire.session_event("session.created", self._event_id(), self.session_id, self.settings)
         )
         async with anyio.create_task_group() as tg:
+            self._scope = tg.cancel_scope
             await self._read(tg)
             tg.cancel_scope.cancel()
+
+    async def _going_away(self, final: Failed) -> None:
+        """The gateway stops: an ``error`` event now (the turn may never be committed), then
+        close 1001, as the native live endpoint does."""
+        error = wire.WireError(final.code.lower(), final.detail, kind="server_error")
+        await self.send(wire.error_event(self._event_id(), error))
+        await self.ws.close(GOING_AWAY, final.code)
+        self._scope.cancel()
 
     async def _read(self, tg: anyio.abc.TaskGroup) -> None:
         while True:
@@ -236,6 +249,9 @@ class _Connection:
             finally:
                 await turn.source.aclose()
                 turn.finished.set()
+            if isinstance(final, Failed) and final.code == ShuttingDown.code:
+                await self._going_away(final)
+                return
             await turn.committed.wait()
             if final is not None:
                 await self._finish(turn, final)
@@ -291,6 +307,10 @@ async def realtime(websocket: WebSocket) -> None:
             "this gateway opens transcription sessions only: connect with ?intent=transcription"
         )
         await websocket.send_denial_response(error_response(refusal))
+        return
+    if state.draining:
+        stopping = ShuttingDown("the gateway is shutting down", retry_after=1)
+        await websocket.send_denial_response(error_response(stopping))
         return
     offered = websocket.scope.get("subprotocols", [])
     await websocket.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
