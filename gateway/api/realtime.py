@@ -7,9 +7,9 @@ URL at the gateway. The server sends ``session.created``; the client may send ``
 (``audio.input.format``: ``audio/pcm`` at 24 kHz, ``audio/pcmu`` or ``audio/pcma``;
 ``audio.input.transcription.model``: an engine or an ``openai.aliases`` name, ``language``;
 ``prompt`` is accepted and ignored; ``audio.input.turn_detection``: ``server_vad`` or null for
-manual commits; the default is server VAD, as OpenAI's), then ``input_audio_buffer.append`` /
-``.commit`` / ``.clear``. Wire frames are decoded and encoded by
-:mod:`gateway.api._realtime_wire`; this module does the I/O.
+manual commits; the default is server VAD, as OpenAI's; an update applies from the next turn
+on), then ``input_audio_buffer.append`` / ``.commit`` / ``.clear``. Wire frames are decoded and
+encoded by :mod:`gateway.api._realtime_wire`; this module does the I/O.
 
 How turns map onto the pipeline: one job per turn. A turn starts with the first audio appended
 after the previous commit (or clear); it gets its item id then, and a :class:`LiveSource` that
@@ -106,11 +106,11 @@ class _Turn:
 class _Vad:
     """Server VAD over the client's audio: resampled to 16 kHz, Silero per 32 ms window."""
 
-    def __init__(self, settings: wire.Settings) -> None:
+    def __init__(self, settings: wire.Settings, session: object) -> None:
         assert settings.turn_detection is not None
         self.detector = wire.TurnDetector(settings.turn_detection)
         self._resampler = PcmResampler(settings.rate, VAD_RATE)
-        self._silero = SileroVad(silero_session())
+        self._silero = SileroVad(session)
         self._pending = b""
 
     async def push(self, pcm: bytes) -> list[tuple[str, int]]:
@@ -219,7 +219,8 @@ class _Connection:
         if self.settings.turn_detection is None:
             return
         if self.vad is None:
-            self.vad = _Vad(self.settings)
+            # The network loads once per process: not on the event loop.
+            self.vad = _Vad(self.settings, await anyio.to_thread.run_sync(silero_session))
         for kind, ms in await self.vad.push(pcm):
             if kind == "started":
                 await self.send(wire.speech_started(self._event_id(), turn.item_id, ms))
