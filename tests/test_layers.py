@@ -12,8 +12,7 @@ from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 import pytest
-
-GATEWAY = Path(__file__).parent.parent / "gateway"
+from source_imports import GATEWAY, from_imports, module_name
 
 # module -> modules (or packages, ending in ".") it must never import
 FORBIDDEN = {
@@ -40,35 +39,22 @@ FORBIDDEN = {
 }
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(GATEWAY.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def _imports(path: Path) -> set[str]:
     """The gateway modules ``path`` imports, anywhere in the file."""
-    name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("gateway"))
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                module = f"{base}.{node.module}" if node.module else base
-            else:
-                module = node.module or ""
-            if not module.startswith("gateway"):
-                continue
+    for module, names in from_imports(path):
+        if module.startswith("gateway"):
             found.add(module)
             # `from . import x` and `from .api import native` name submodules.
-            found.update(f"{module}.{a.name}" for a in node.names)
+            found.update(f"{module}.{n}" for n in names)
     return found
 
 
 def _graph() -> dict[str, set[str]]:
-    paths = {_module_name(p): p for p in GATEWAY.rglob("*.py")}
+    paths = {module_name(p): p for p in GATEWAY.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in paths.items():
         # A module's own packages (`from . import __version__`, `from . import _upstream`) are

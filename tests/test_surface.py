@@ -12,16 +12,11 @@ import importlib
 from pathlib import Path
 
 import pytest
+from source_imports import GATEWAY, from_imports, module_name
 
 import gateway
 
-GATEWAY = Path(gateway.__file__).parent
 MODULES = sorted(GATEWAY.rglob("*.py"))
-
-
-def _name(path: Path) -> str:
-    parts = path.relative_to(GATEWAY.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def test_the_package_surface_is_pinned() -> None:
@@ -47,43 +42,29 @@ def test_the_package_surface_is_pinned() -> None:
     ]
 
 
-@pytest.mark.parametrize("path", MODULES, ids=_name)
+@pytest.mark.parametrize("path", MODULES, ids=module_name)
 def test_every_module_declares_what_it_exports(path: Path) -> None:
-    module = importlib.import_module(_name(path))
+    module = importlib.import_module(module_name(path))
     exported = getattr(module, "__all__", None)
     assert isinstance(exported, list), f"{module.__name__} has no __all__"
     missing = [n for n in exported if not hasattr(module, n)]
     assert not missing, f"{module.__name__}.__all__ names what it lacks: {missing}"
 
 
-@pytest.mark.parametrize("path", MODULES, ids=_name)
+@pytest.mark.parametrize("path", MODULES, ids=module_name)
 def test_modules_import_only_exported_names_from_each_other(path: Path) -> None:
-    name = _name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     wrong = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if not isinstance(node, ast.ImportFrom):
-            continue
-        if node.level:
-            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-            source = f"{base}.{node.module}" if node.module else base
-        else:
-            source = node.module or ""
+    for source, names in from_imports(path):
         if not source.startswith("gateway"):
             continue
         target = importlib.import_module(source)
-        for alias in node.names:
-            if (
-                hasattr(target, "__path__")
-                and (GATEWAY.parent / source.replace(".", "/"))
-                .joinpath(alias.name)
-                .with_suffix(".py")
-                .exists()
-            ):
+        package = GATEWAY.parent / source.replace(".", "/")
+        for alias in names:
+            if hasattr(target, "__path__") and (package / f"{alias}.py").exists():
                 continue  # a submodule
-            if alias.name not in target.__all__:
-                wrong.append(f"{alias.name} from {source}")
-    assert not wrong, f"{name} imports unexported names: {wrong}"
+            if alias not in target.__all__:
+                wrong.append(f"{alias} from {source}")
+    assert not wrong, f"{module_name(path)} imports unexported names: {wrong}"
 
 
 def test_tests_import_no_private_names() -> None:
