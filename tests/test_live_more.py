@@ -1,5 +1,5 @@
 """The live endpoints under harder conditions (issue 14, "Tests and bench"): a WhisperLiveKit
-upstream that drops mid-stream, a slow reader, and the WebSocket pings a
+upstream that drops mid-stream, a slow reader, an idle Realtime turn, and the WebSocket pings a
 silent client gets. A real gateway under hypercorn on loopback, real WebSocket clients.
 """
 
@@ -26,6 +26,9 @@ from test_live import (
 from test_live import (
     ws_url as live_url,
 )
+from test_realtime import append, manual_session, next_event, pcm24, scripted_engine
+from test_realtime import ws_url as realtime_url
+from trio_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
 
@@ -135,6 +138,37 @@ async def test_a_slow_reader_gets_conflated_snapshots_and_the_engine_is_still_re
     # The held frame, then only the newest state: far fewer frames than the 61 updates.
     assert 1 <= len(snapshots) <= 3, [f["text"] for f in snapshots]
     assert snapshots[-1]["text"] == done["text"] == " ".join(words)
+
+
+# -- an idle Realtime turn ----------------------------------------------------------------------
+
+
+async def test_a_realtime_turn_whose_client_goes_silent_gets_a_timeout_error_and_a_close(
+    tmp_path: Path,
+) -> None:
+    config = make_config(
+        tmp_path,
+        engines={"s": {"kind": "scripted", "words": ["one", "two"], "seconds_per_word": 0.5}},
+        server={"default_engine": "s", "live_idle_timeout": 0.3, "max_session_seconds": 600},
+    )
+    # Without the idle timeout the turn would stay open until max_session_seconds.
+    with trio.fail_after(10):
+        async with run_gateway(config) as gw:
+            async with open_websocket_url(realtime_url(gw)) as ws:
+                await next_event(ws, "session.created")
+                await ws.send_message(manual_session())
+                await next_event(ws, "session.updated")
+                await ws.send_message(append(pcm24(GOFORWARD)[:9600]))  # 200 ms, never committed
+                error = await next_event(ws, "error")
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+            engine = scripted_engine(gw)
+            # The open turn's engine session is closed, not left running.
+            await engine.wait_closed(1)
+            assert (engine.opened, engine.active) == (1, 0)
+    assert error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["code"] == "timeout" and "0.3 s" in error["error"]["message"]
+    assert closed.value.reason.code == 4408
 
 
 # -- pings to a silent client ----------------------------------------------------------------------

@@ -42,6 +42,15 @@ close code 4000. Refusals before the upgrade (a missing key, a query without
 ``intent=transcription``, a draining gateway) are HTTP answers in OpenAI's error shape. When the
 gateway stops, a turn in progress gets an ``error`` event (``shutting_down``), then close 1001.
 
+A client that leaves a turn open (audio appended, no commit) and sends nothing for
+``server.live_idle_timeout`` seconds gets an ``error`` event (``invalid_request_error``, code
+``timeout``), then close 4408, as the native endpoint closes an idle stream; the open turn is
+dropped (nothing of it stored), and so are committed turns still being transcribed, as when a
+client leaves. OpenAI documents no server-side idle close for a transcription session (server
+VAD's ``idle_timeout_ms`` commits a turn; it is no close), so the choice is the gateway's: an
+``error`` in OpenAI's shape, then the close. No ``transcription.failed``: the open turn was never
+committed, so it never became an item the client knows.
+
 Like the native live route, this WebSocket route is not in the OpenAPI document (OpenAPI
 describes HTTP operations; :mod:`gateway.openapi` lists only the app's HTTP routes).
 
@@ -51,17 +60,19 @@ that turn is stored (turns completed before stay stored).
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 
 import anyio
 import numpy as np
 from starlette.routing import WebSocketRoute
+from starlette.types import Message
 from starlette.websockets import WebSocket
 
 from ..engines._resample import PcmResampler
 from ..engines.vad import WINDOW_SAMPLES, SileroVad, silero_session
-from ..errors import BadRequest, GatewayError, ShuttingDown, status_of
+from ..errors import BadRequest, GatewayError, ShuttingDown, Timeout, status_of
 from ..events import Done, Failed, Progress, Queued, join_text
 from ..jobs import GatewayState, JobOptions, prepare_job
 from ..live_audio import PcmStream
@@ -79,6 +90,8 @@ SUBPROTOCOL = "realtime"
 BETA_CLOSE = 4000
 # After SHUTTING_DOWN: the gateway is stopping.
 GOING_AWAY = 1001
+# After an idle open turn's ``timeout`` error: the native live endpoint's TIMEOUT close code.
+IDLE_CLOSE = 4408
 VAD_RATE = 16_000
 
 
@@ -168,9 +181,27 @@ class _Connection:
         await self.ws.close(GOING_AWAY, final.code)
         self._scope.cancel()
 
+    async def _idle(self) -> None:
+        """The client left a turn open and sent nothing for ``server.live_idle_timeout``: an
+        ``error`` event (``timeout``), then close 4408, as the native live endpoint closes an
+        idle stream. The open turn (never committed, so never an item) is cancelled with the
+        connection, like a client that leaves."""
+        idle = self.state.config.server.live_idle_timeout
+        detail = f"no audio or commit from the client for {idle:g} s with a turn open"
+        await self.error(wire.WireError(Timeout.code.lower(), detail))
+        await self.ws.close(IDLE_CLOSE, Timeout.code)
+
     async def _read(self, tg: anyio.abc.TaskGroup) -> None:
+        idle = self.state.config.server.live_idle_timeout
         while True:
-            message = await self.ws.receive()
+            message: Message | None = None
+            # Idle only while a turn is open: the server owes a client between turns their text
+            # (a slow engine is no idle client), and such a client holds no open turn's job.
+            with anyio.move_on_after(idle if self.turn is not None else math.inf):
+                message = await self.ws.receive()
+            if message is None:
+                await self._idle()
+                return
             if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")
