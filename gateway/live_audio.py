@@ -32,9 +32,18 @@ import av
 
 from .audio import PcmDecoder
 from .engines._resample import PcmResampler
-from .errors import DecodeError
+from .errors import DecodeError, InvalidOption
 
-__all__ = ["EncodedStream", "PcmStream", "Receive", "Send"]
+__all__ = [
+    "FORMATS",
+    "MAX_RATE",
+    "MIN_RATE",
+    "EncodedStream",
+    "PcmStream",
+    "Receive",
+    "Send",
+    "live_decoder",
+]
 
 #: Returns the client's next piece of audio, or b"" once the client is done.
 Receive = Callable[[], Coroutine[Any, Any, bytes]]
@@ -214,3 +223,29 @@ class EncodedStream:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(decoding.close, limiter=limiter)
         return decoding.decoded / (2 * RATE)
+
+
+#: The ``format`` query option of every live transport (the WebSocket, a live HTTP body).
+FORMATS = ("pcm_s16le", "auto")
+MIN_RATE, MAX_RATE = 8_000, 192_000
+
+
+def live_decoder(fmt: str, rate_text: str) -> Callable[[], PcmStream | EncodedStream]:
+    """The decoder the ``format`` and ``sample_rate`` query options ask for (InvalidOption when
+    they make no sense): one reading of them for every live transport."""
+    if fmt not in FORMATS:
+        raise InvalidOption(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "auto":
+        if rate_text:
+            raise InvalidOption(
+                "sample_rate is for format=pcm_s16le; an encoded stream has its own"
+            )
+        return EncodedStream
+    if not rate_text:
+        return PcmStream
+    rate = int(rate_text) if rate_text.isdigit() else 0
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise InvalidOption(
+            f"sample_rate must be an integer from {MIN_RATE} to {MAX_RATE}, got {rate_text!r}"
+        )
+    return lambda: PcmStream(rate)

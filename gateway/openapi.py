@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import exports, web
+from . import exports, live_audio, web
 from .api import openai_compat
 from .config import Config
 from .events import MAX_SECONDS
@@ -147,13 +147,39 @@ def _native(config: Config) -> dict[str, Schema]:
             "application/octet-stream": {"schema": _FILE},
         },
     }
+    live = [
+        _query(
+            "live",
+            _BOOLEAN,
+            "true: the body is the audio itself (not a form), transcribed while it is still"
+            " arriving (HTTP/2, or a chunked HTTP/1.1 body); its end is the audio's end, the id"
+            " is random, nothing is cached; past the stream's start, a gap over"
+            " server.body_timeout is a TIMEOUT event and a body over server.max_upload_bytes a"
+            " PAYLOAD_TOO_LARGE event",
+        ),
+        _query(
+            "format",
+            {"type": "string", "enum": list(live_audio.FORMATS), "default": "pcm_s16le"},
+            "live=true only: raw s16le mono PCM, or auto for a container stream (WebM, Ogg)",
+        ),
+        _query(
+            "sample_rate",
+            {
+                "type": "integer",
+                "minimum": live_audio.MIN_RATE,
+                "maximum": live_audio.MAX_RATE,
+                "default": 16000,
+            },
+            "live=true with format=pcm_s16le only: the PCM's rate",
+        ),
+    ]
     stored = _errors("native", (400, 401, 404))
     return {
         "/v1/transcriptions/stream": {
             "post": {
                 "operationId": "native_transcribe_stream",
                 "summary": "Transcribe an upload, streaming cumulative snapshots as SSE",
-                "parameters": parameters,
+                "parameters": [*parameters, *live],
                 "requestBody": upload,
                 "responses": {
                     "200": _sse(

@@ -86,6 +86,13 @@ class Gateway:
         state: GatewayState = self.app.state.gateway
         return state
 
+    async def assert_not_stored(self, transcript_id: str, tenant: str = "") -> None:
+        """Nothing of a session that ended early was stored: not in the store, not served."""
+        assert await self.state.store.get(transcript_id, tenant) is None
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            missing = await client.get(f"/v1/transcriptions/{transcript_id}")
+        assert missing.status_code == 404
+
 
 def make_config(tmp_path: Path, **sections: Any) -> Config:
     data: dict[str, Any] = {

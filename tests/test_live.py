@@ -202,10 +202,7 @@ async def test_a_client_that_leaves_mid_stream_closes_the_engine_session_and_not
             # Left without "end": the session is cancelled at once.
             with trio.fail_after(1):
                 await engine.wait_closed(1)
-            assert await gw.state.store.get(first["id"], "") is None
-            async with httpx.AsyncClient(base_url=gw.url) as client:
-                missing = await client.get(f"/v1/transcriptions/{first['id']}")
-            assert missing.status_code == 404
+            await gw.assert_not_stored(first["id"])
 
 
 async def test_a_silent_client_gets_a_timeout_error_and_a_close(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import trio
 from conftest import make_config, run_gateway
 from starlette.routing import Route
 
-from gateway import exports, openapi
+from gateway import exports, live_audio, openapi
 from gateway.api import openai_compat
 from gateway.app import create_app
 from gateway.config import Config
@@ -88,6 +88,13 @@ def test_option_values_come_from_the_code_and_the_configuration(tmp_path: Path) 
         "scripted",
         "slow",
     ]
+    # A live body is for the streaming route only; its options are the live WebSocket's.
+    stream = {p["name"]: p for p in paths["/v1/transcriptions/stream"]["post"]["parameters"]}
+    assert stream["live"]["schema"] == {"type": "boolean"}
+    assert stream["format"]["schema"]["enum"] == list(live_audio.FORMATS)
+    rate = stream["sample_rate"]["schema"]
+    assert (rate["minimum"], rate["maximum"]) == (live_audio.MIN_RATE, live_audio.MAX_RATE)
+    assert not {"live", "format", "sample_rate"} & {p["name"] for p in native["parameters"]}
     export = paths["/v1/transcriptions/{id}"]["get"]["parameters"][0]
     assert export["name"] == "format" and export["schema"]["enum"] == list(exports.FORMATS)
     openai_form = paths["/v1/audio/transcriptions"]["post"]["requestBody"]["content"][

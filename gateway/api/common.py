@@ -2,6 +2,11 @@
 type for their transcription routes, :class:`Transcribe`, which serves a prepared job as an SSE
 stream or as one final answer.
 
+A route may also take a live body (``?live=true`` on the native stream): the body is then the
+audio itself, fed to a :class:`~gateway.sources.LiveSource` while it is still arriving, and the
+events stream back at the same time (hypercorn lets an ASGI app answer before the request body
+ends, on HTTP/2 and on a chunked HTTP/1.1 body alike): see :func:`feed_live_body`.
+
 A front API supplies what differs: its option parser, a :class:`Translator` (typed events to
 wire frames), its final answer and its error responder. Preparing the job is
 :func:`gateway.jobs.prepare_job`'s, running it :func:`gateway.pipeline.attend`'s.
@@ -12,7 +17,7 @@ app or the auth middleware.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from functools import partial
@@ -34,12 +39,13 @@ from ..errors import (
     InvalidOption,
     PayloadTooLarge,
     RequestTimeout,
+    Timeout,
     status_of,
 )
 from ..events import Done, Failed, StreamEvent
 from ..jobs import GatewayState, JobOptions, prepare_job
 from ..pipeline import KEEPALIVE, Job, Outbox, attend
-from ..sources import SpooledUpload
+from ..sources import LiveSource, SpooledUpload
 
 __all__ = [
     "MAX_JSON_BYTES",
@@ -49,7 +55,9 @@ __all__ = [
     "Transcribe",
     "Translator",
     "body_chunks",
+    "check_length",
     "failure_error",
+    "feed_live_body",
     "gateway_state",
     "option",
     "parse_bool",
@@ -107,6 +115,13 @@ def option(request: Request, upload: Upload | None, name: str, default: str = ""
     return request.query_params.get(name, default)
 
 
+def check_length(request: Request, limit: int) -> None:
+    """PayloadTooLarge when the declared Content-Length is over ``limit``."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"a body of {length} bytes exceeds this route's {limit}")
+
+
 async def body_chunks(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
     """The one reader of every request body, for every route that takes one.
 
@@ -115,9 +130,7 @@ async def body_chunks(request: Request, limit: int) -> AsyncGenerator[bytes, Non
     - RequestTimeout when no chunk arrives for ``server.body_timeout`` seconds (slow loris).
     - A client that leaves mid-body is :class:`ClientDisconnected` (logged 499, not answered).
     """
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"a body of {length} bytes exceeds this route's {limit}")
+    check_length(request, limit)
     max_gap = gateway_state(request).config.server.body_timeout
     received = 0
     async with aclosing(request.stream()) as chunks:
@@ -136,6 +149,30 @@ async def body_chunks(request: Request, limit: int) -> AsyncGenerator[bytes, Non
                 raise PayloadTooLarge(f"the body is larger than this route's {limit} bytes")
             if chunk:
                 yield chunk
+
+
+async def feed_live_body(request: Request, source: LiveSource, job: Job, limit: int) -> bool:
+    """Pass a body that is still arriving to a live source, piece by piece, and end the source
+    with it; False when the client left first.
+
+    Like a live WebSocket's reader, this stops reading while the source is full, which is the
+    backpressure on a client faster than real time. The body's limits hold after the stream
+    started, as error events: a gap longer than ``server.body_timeout`` is TIMEOUT (the live
+    endpoints' code for a silent client), a body past ``limit`` PAYLOAD_TOO_LARGE.
+    """
+    try:
+        async with aclosing(body_chunks(request, limit)) as chunks:
+            async for chunk in chunks:
+                await source.push(chunk)
+    except ClientDisconnected:
+        return False
+    except RequestTimeout as exc:
+        job.fail(Timeout(exc.detail))
+    except GatewayError as exc:
+        job.fail(exc)
+    else:
+        source.end()
+    return True
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -198,11 +235,14 @@ class SSEStream:
         *,
         keepalive: float,
         headers: Mapping[str, str] | None = None,
+        body: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.job = job
         self.translator = translator
         self.keepalive = keepalive
         self.headers = {**SSE_HEADERS, **(headers or {})}
+        # A live body still arriving (feed_live_body): read beside the writer.
+        self.body = body
 
     async def _frames(self, outbox: Outbox) -> AsyncIterator[bytes]:
         # Not `async for event in outbox`: sse-starlette acloses this generator when the client
@@ -225,10 +265,25 @@ class SSEStream:
                 yield frames[0] if len(frames) == 1 else b"".join(frames)
                 outbox.mark_sent()
 
+    async def _read_body(self, receive: Receive, left: anyio.CancelScope) -> None:
+        assert self.body is not None
+        if await self.body():
+            await _until_disconnect(receive, None)
+        left.cancel()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def write(outbox: Outbox) -> None:
             response = EventSourceResponse(self._frames(outbox), ping=0, headers=self.headers)
-            await response(scope, receive, send)
+            if self.body is None:
+                await response(scope, receive, send)
+                return
+            # The request's messages are the body's here: sse-starlette must not take them while
+            # it watches for a disconnect, so the reader below watches for it instead and ends
+            # the writer (and so the job) when the client leaves.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read_body, receive, tg.cancel_scope)
+                await response(scope, _no_messages, send)
+                tg.cancel_scope.cancel()
 
         await attend(self.job, write, keepalive_interval=self.keepalive)
 
@@ -237,7 +292,12 @@ def _no_stream(state: GatewayState, options: JobOptions) -> None:
     return None
 
 
-async def _until_disconnect(receive: Receive, outbox: Outbox) -> None:
+async def _no_messages() -> Message:
+    await anyio.sleep_forever()
+    raise AssertionError("unreachable")
+
+
+async def _until_disconnect(receive: Receive, outbox: Outbox | None) -> None:
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
@@ -262,14 +322,39 @@ class Transcribe(Generic[OptionsT]):
     error_response: ErrorResponder
     check_query: Callable[[Request, GatewayState], object] | None = None
     failure_status: int = 502
+    #: A live body for this request: its source and options, or None for an upload (see
+    #: :func:`feed_live_body`). Streaming routes only.
+    live: Callable[[Request, GatewayState], tuple[LiveSource, OptionsT] | None] | None = None
 
     def blocking(self) -> Transcribe[OptionsT]:
         """The same route answering once, at the end, instead of streaming."""
-        return replace(self, translator=_no_stream)
+        return replace(self, translator=_no_stream, live=None)
 
-    async def _prepare(self, request: Request, state: GatewayState) -> tuple[Job, OptionsT]:
+    async def _prepare_live(
+        self, request: Request, state: GatewayState
+    ) -> tuple[Job, OptionsT, Callable[[], Awaitable[bool]]] | None:
+        if self.live is None:
+            return None
+        limit = state.config.server.max_upload_bytes
+        live = self.live(request, state)
+        if live is None:
+            return None
+        source, options = live
+        try:
+            check_length(request, limit)
+        except BaseException:
+            await source.aclose()
+            raise
+        job = await prepare_job(state, source, options, tenant=tenant_of(request))
+        return job, options, partial(feed_live_body, request, source, job, limit)
+
+    async def _prepare(
+        self, request: Request, state: GatewayState
+    ) -> tuple[Job, OptionsT, Callable[[], Awaitable[bool]] | None]:
         if self.check_query is not None:
             self.check_query(request, state)
+        if (live := await self._prepare_live(request, state)) is not None:
+            return live
         upload = await _receive_upload(request, state)
         try:
             options = self.parse(request, state, upload)
@@ -277,20 +362,21 @@ class Transcribe(Generic[OptionsT]):
             await upload.aclose()
             raise
         job = await prepare_job(state, SpooledUpload(upload), options, tenant=tenant_of(request))
-        return job, options
+        return job, options, None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         state = gateway_state(request)
         try:
-            job, options = await self._prepare(request, state)
+            job, options, body = await self._prepare(request, state)
         except GatewayError as exc:
             await self.error_response(exc)(scope, receive, send)
             return
         keepalive = state.config.server.keepalive
         translator = self.translator(state, options)
         if translator is not None:
-            await SSEStream(job, translator, keepalive=keepalive)(scope, receive, send)
+            stream = SSEStream(job, translator, keepalive=keepalive, body=body)
+            await stream(scope, receive, send)
             return
         result = await attend(job, partial(_until_disconnect, receive), ends_with_job=True)
         if isinstance(result, Failed):

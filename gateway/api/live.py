@@ -34,8 +34,6 @@ nothing is stored. The session id is random; it comes with every ``transcription
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import anyio
 import msgspec
 from starlette.routing import WebSocketRoute
@@ -48,7 +46,6 @@ from ..errors import (
     DecodeError,
     GatewayError,
     InvalidMessage,
-    InvalidOption,
     ShuttingDown,
     Timeout,
     TooManyStreams,
@@ -56,17 +53,15 @@ from ..errors import (
 )
 from ..events import Done, Failed, StreamEvent
 from ..jobs import GatewayState, JobOptions, prepare_job
-from ..live_audio import EncodedStream, PcmStream
+from ..live_audio import live_decoder
 from ..pipeline import KEEPALIVE, Job, Outbox, attend
-from ..sources import LiveDecoder, LiveSource
+from ..sources import LiveSource
 from .native import NativeTranslator, error_response
 
-__all__ = ["FORMATS", "SUBPROTOCOL", "close_code", "routes"]
+__all__ = ["SUBPROTOCOL", "close_code", "routes"]
 
 #: The subprotocol the gateway speaks (and the only one it ever echoes back).
 SUBPROTOCOL = "asr-gateway"
-FORMATS = ("pcm_s16le", "auto")
-MIN_RATE, MAX_RATE = 8_000, 192_000
 
 _SPECIAL_CLOSE_CODES = {
     ShuttingDown.code: 1001,
@@ -92,28 +87,9 @@ class _Control(msgspec.Struct):
 _control = msgspec.json.Decoder(_Control)
 
 
-def _decoder(fmt: str, rate_text: str) -> Callable[[], LiveDecoder]:
-    if fmt not in FORMATS:
-        raise InvalidOption(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "auto":
-        if rate_text:
-            raise InvalidOption(
-                "sample_rate is for format=pcm_s16le; an encoded stream has its own"
-            )
-        return EncodedStream
-    if not rate_text:
-        return PcmStream
-    rate = int(rate_text) if rate_text.isdigit() else 0
-    if not MIN_RATE <= rate <= MAX_RATE:
-        raise InvalidOption(
-            f"sample_rate must be an integer from {MIN_RATE} to {MAX_RATE}, got {rate_text!r}"
-        )
-    return lambda: PcmStream(rate)
-
-
 async def _prepare(websocket: WebSocket, state: GatewayState) -> tuple[Job, LiveSource]:
     query = websocket.query_params
-    decoder = _decoder(query.get("format", "pcm_s16le"), query.get("sample_rate", ""))
+    decoder = live_decoder(query.get("format", "pcm_s16le"), query.get("sample_rate", ""))
     engine = state.engine(query.get("engine", ""))
     source = LiveSource(decoder())
     tenant: str = websocket.scope.get("state", {}).get("tenant", "")

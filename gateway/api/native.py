@@ -1,6 +1,15 @@
-"""The native API, v1: ``/v1/transcriptions`` (SSE stream, blocking JSON, stored transcripts)."""
+"""The native API, v1: ``/v1/transcriptions`` (SSE stream, blocking JSON, stored transcripts).
+
+``POST /v1/transcriptions/stream?live=true`` takes the audio itself as the body (raw, not a
+multipart form: ``format`` and ``sample_rate`` as on the live WebSocket) and starts transcribing
+while it is still arriving, over HTTP/2 or a chunked HTTP/1.1 body: ``curl -T -
+--http2-prior-knowledge`` from a microphone pipe. The body's end is the audio's; the id is
+random, as for the WebSocket.
+"""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import msgspec
 from starlette.requests import Request
@@ -9,9 +18,11 @@ from starlette.routing import Route
 
 from .. import exports
 from ..audio import Upload
-from ..errors import GatewayError, InvalidOption, NotFound
+from ..errors import GatewayError, InvalidBody, InvalidOption, NotFound
 from ..events import Done, Failed, Progress, Segment, StreamEvent, Transcript, join_text
 from ..jobs import GatewayState, JobOptions
+from ..live_audio import live_decoder
+from ..sources import LiveSource
 from .common import (
     Transcribe,
     gateway_state,
@@ -170,12 +181,37 @@ def _check_query(request: Request, state: GatewayState) -> None:
     state.engine(request.query_params.get("engine", ""))
 
 
+def _check_blocking_query(request: Request, state: GatewayState) -> None:
+    _check_query(request, state)
+    if parse_bool("live", request.query_params.get("live", ""), False):
+        raise InvalidOption("live=true is for POST /v1/transcriptions/stream")
+
+
 def _options(request: Request, state: GatewayState, upload: Upload) -> JobOptions:
     return JobOptions(
         engine=state.engine(option(request, upload, "engine")),
         language=option(request, upload, "language"),
         use_cache=parse_bool("use_cache", option(request, upload, "use_cache"), True),
     )
+
+
+def _live(request: Request, state: GatewayState) -> tuple[LiveSource, JobOptions] | None:
+    """With ``live=true``, the body is raw audio fed to the job as it arrives."""
+    query = request.query_params
+    if not parse_bool("live", query.get("live", ""), False):
+        return None
+    if request.headers.get("content-type", "").lower().startswith("multipart/"):
+        raise InvalidBody(
+            "with live=true the body is the audio itself (raw PCM, or any stream with "
+            "format=auto), not a multipart form"
+        )
+    decoder = live_decoder(query.get("format", "pcm_s16le"), query.get("sample_rate", ""))
+    options = JobOptions(
+        engine=state.engine(query.get("engine", "")),
+        language=query.get("language", ""),
+        use_cache=False,
+    )
+    return LiveSource(decoder()), options
 
 
 def _answer(done: Done, options: JobOptions) -> Response:
@@ -188,6 +224,7 @@ _transcribe_stream = Transcribe(
     translator=lambda state, options: NativeTranslator(),
     answer=_answer,
     error_response=error_response,
+    live=_live,
 )
 
 
@@ -248,7 +285,11 @@ async def put_corrections(request: Request) -> Response:
 def routes() -> list[Route]:
     return [
         Route("/v1/transcriptions/stream", _transcribe_stream, methods=["POST"]),
-        Route("/v1/transcriptions", _transcribe_stream.blocking(), methods=["POST"]),
+        Route(
+            "/v1/transcriptions",
+            replace(_transcribe_stream.blocking(), check_query=_check_blocking_query),
+            methods=["POST"],
+        ),
         Route("/v1/transcriptions/{id}", get_transcript, methods=["GET"]),
         Route("/v1/transcriptions/{id}/corrections", put_corrections, methods=["PUT"]),
     ]
