@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import h2.events
 import h11
 import msgspec
 import trio
@@ -70,7 +71,7 @@ _MALFORMED = MalformedRequest("the bytes received do not frame an HTTP/1.1 reque
 
 
 def _harden_hypercorn() -> None:
-    """Two changes to hypercorn's HTTP/1.1 serving, made once per process.
+    """Three changes to hypercorn's serving, made once per process.
 
     - A request h11 cannot parse (a bad Content-Length, Content-Length with Transfer-Encoding, a
       broken request line or header, headers too large, a body cut short) gets a coded JSON 4xx
@@ -82,7 +83,13 @@ def _harden_hypercorn() -> None:
       across a checkpoint: a response written at that moment (the app's answer to a request whose
       client just half-closed, or hypercorn's own error answer) failed with BusyResourceError,
       which in hypercorn's reader task ended the whole server.
+    - On h2, request DATA that arrives after the answer ended is acknowledged and dropped. An app
+      may answer before the body is in (a refusal, a live body's error event); the stream is
+      then closed for hypercorn, which forgets it, but still open for the client, which may
+      send on. Hypercorn 0.18 looked such DATA up among its streams (it ignores a late
+      END_STREAM, not DATA), and the KeyError ended the whole server.
     """
+    from hypercorn.protocol import h2 as hypercorn_h2
     from hypercorn.protocol import h11 as hypercorn_h11
     from hypercorn.trio import tcp_server
 
@@ -116,6 +123,25 @@ def _harden_hypercorn() -> None:
             await unlocked_close(self)
 
     tcp_server.TCPServer._close = close  # type: ignore[method-assign]
+
+    handle_events = hypercorn_h2.H2Protocol._handle_events
+
+    async def handle_late_data(self: Any, events: list[h2.events.Event]) -> None:
+        # One event at a time: a stream opened earlier in the same batch must be known first.
+        dropped = False
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                # Still counted against the connection's window: give it back.
+                self.connection.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id
+                )
+                dropped = True
+                continue
+            await handle_events(self, [event])
+        if dropped:
+            await self._flush()
+
+    hypercorn_h2.H2Protocol._handle_events = handle_late_data  # type: ignore[method-assign]
 
 
 def asgi_app(config: Config, app: ASGIApp | None = None) -> ASGIApp:

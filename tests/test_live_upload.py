@@ -315,3 +315,25 @@ async def test_a_stalled_body_is_a_timeout_error_event(tmp_path: Path) -> None:
     assert (name, error["code"]) == ("error", "TIMEOUT")
     assert "0.3 s" in error["detail"]
     assert exchange.status == 200
+
+
+async def test_body_data_after_the_answer_is_dropped_and_the_gateway_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    """On h2 a client may go on sending after the answer ended (the stream is half-closed for
+    the server only): hypercorn 0.18 looked such DATA up among its open streams and the KeyError
+    ended the whole server. A live body cut short by an error event is exactly that case."""
+    pcm = pcm_of(GOFORWARD)
+    with trio.fail_after(30):
+        async with run_gateway(scripted(tmp_path, max_upload_bytes=6400)) as gw:
+            async with duplex(gw, LIVE, http2=True) as exchange:
+                await send_pieces(exchange, pcm[:9600])
+                await exchange.finished.wait()
+                await exchange.send(pcm[9600:16000])
+                await exchange.end()
+            # The gateway still serves (it would refuse connections had it ended).
+            async with httpx.AsyncClient(base_url=gw.url, http1=False, http2=True) as client:
+                models = await client.get("/v1/models")
+                assert models.status_code == 200
+    name, error = final(exchange)
+    assert (name, error["code"]) == ("error", "PAYLOAD_TOO_LARGE")
