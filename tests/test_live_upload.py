@@ -24,7 +24,7 @@ import h11
 import httpx
 import pytest
 import trio
-from audio_util import GOFORWARD, LIBRIVOX, pcm_of
+from audio_util import GOFORWARD, LIBRIVOX, encoded, pcm_of
 from conftest import Gateway, make_config, run_gateway
 
 from gateway.engines.scripted import ScriptedEngine
@@ -241,6 +241,21 @@ async def test_a_recording_through_whisper_over_h2c(tmp_path: Path) -> None:
     text = done["text"].lower()
     for word in ("dashwood", "prudently", "selfish", "respectable", "amiable"):
         assert word in text, text
+
+
+async def test_format_auto_takes_an_ogg_opus_stream_from_a_chunked_body(tmp_path: Path) -> None:
+    opus = encoded(GOFORWARD, "ogg", "libopus", 48000, "mono")
+    with trio.fail_after(30):
+        async with run_gateway(make_config(tmp_path)) as gw:
+            async with duplex(gw, LIVE + "&format=auto", http2=False) as exchange:
+                for i in range(0, len(opus), 700):
+                    await exchange.send(opus[i : i + 700])
+                await exchange.end()
+                await exchange.finished.wait()
+    name, done = final(exchange)
+    assert name == "done", done
+    assert "forward" in done["text"] and "ten" in done["text"], done
+    assert done["total_time"] == pytest.approx(2.79, abs=0.05)
 
 
 async def test_a_multipart_form_bad_options_or_the_blocking_route_with_live_are_refused(
