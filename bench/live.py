@@ -141,7 +141,7 @@ async def run(counts: list[int], pcm: bytes, ends: list[float]) -> list[list[str
                     f"{percentile(partial, 50):.2f}",
                     f"{percentile(partial, 95):.2f}",
                     f"{percentile(committed, 50):.2f}",
-                    f"{p95:.2f}",
+                    f"{percentile(committed, 95):.2f}",
                     "yes" if ok == n and p95 <= TARGET else "no",
                 ]
             )
@@ -151,7 +151,7 @@ async def run(counts: list[int], pcm: bytes, ends: list[float]) -> list[list[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--streams", default="1,2,4,6", help="comma-separated stream counts")
+    parser.add_argument("--streams", default="1,2,3,4,6", help="comma-separated stream counts")
     args = parser.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
     with wave.open(str(AUDIO)) as w:
