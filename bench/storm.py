@@ -122,6 +122,8 @@ class Options:
     # Audio per client: a random number of 0.5 s words (16 words = 256 KiB, one spool batch).
     min_words: int = 8
     max_words: int = 24
+    # How long leaks get to settle once the last client left (see SETTLE_TIMEOUT).
+    settle: float = SETTLE_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -342,13 +344,15 @@ def _total(value: Any) -> int:
     return int(sum(value.values())) if isinstance(value, dict) else int(value)
 
 
-async def _settled(measure: Callable[[], Holdings], done: Callable[[Holdings], bool]) -> Holdings:
-    """Re-measure every 50 ms until ``done`` holds or SETTLE_TIMEOUT passes; the last measure.
+async def _settled(
+    measure: Callable[[], Holdings], done: Callable[[Holdings], bool], within: float
+) -> Holdings:
+    """Re-measure every 50 ms until ``done`` holds or ``within`` seconds pass; the last measure.
 
     Polling, because closing sockets, threads and tasks that finish have no one event to wait on.
     """
     held = measure()
-    with trio.move_on_after(SETTLE_TIMEOUT):
+    with trio.move_on_after(within):
         while not done(held):
             await trio.sleep(0.05)
             held = measure()
@@ -529,7 +533,7 @@ async def _storm(
             idle(h) and len(last) == 5 and all((x.fds, x.tasks) == (h.fds, h.tasks) for x in last)
         )
 
-    base = await _settled(measure, steady)
+    base = await _settled(measure, steady, options.settle)
     report.fds_before, report.tasks_before = base.fds, sum(base.tasks.values())
 
     start = time.monotonic()
@@ -564,6 +568,7 @@ async def _storm(
     after = await _settled(
         measure,
         lambda h: idle(h) and h.fds <= base.fds and not (h.tasks - base.tasks),
+        options.settle,
     )
     report.settled_in = time.monotonic() - settle_start
     report.leaks = after.over(base)

@@ -23,7 +23,10 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_a_hundred_clients_leaving_at_random_points_leave_nothing_behind() -> None:
-    options = Options(clients=100, concurrency=25, sessions=3, seed=1)
+    # 30 s to settle, not the bench's 10: once, in a full CI run, one hypercorn connection handler
+    # and its socket were still open 10 s after the storm (not seen again in a dozen runs). A true
+    # leak never settles; a slow close on a loaded machine does.
+    options = Options(clients=100, concurrency=25, sessions=3, seed=1, settle=30.0)
     with trio.fail_after(120):
         report = await run_storm(options)
     assert report.errors == []
