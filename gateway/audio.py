@@ -53,12 +53,14 @@ from .errors import (
 )
 
 __all__ = [
+    "MAX_BAD_PACKETS_IN_A_ROW",
     "MULTIPART_OVERHEAD",
     "SPOOL_BATCH_BYTES",
     "SPOOL_PREFIX",
     "PcmDecoder",
     "Upload",
     "content_id",
+    "decode_packet",
     "open_decoder",
     "receive_upload",
     "sweep_spool",
@@ -395,6 +397,18 @@ async def receive_upload(
 FAST_PROBE_BYTES = 4096
 # Packets the codec rejects in a row before the rest of the file is taken for garbage.
 MAX_BAD_PACKETS_IN_A_ROW = 64
+
+
+def decode_packet(packet: Any, bad_in_a_row: int) -> tuple[list[Any], int]:
+    """A packet's frames, and how many corrupt packets now stand in a row: a corrupt packet (a
+    truncated last frame, a splice of two MP3s) is skipped, and past MAX_BAD_PACKETS_IN_A_ROW of
+    them the rest is garbage that would only cost time to read."""
+    try:
+        return packet.decode(), 0
+    except av.FFmpegError:
+        return [], bad_in_a_row + 1
+
+
 # Chained Ogg links opened on their own (see PcmDecoder._next_link) before the rest is given up.
 MAX_LINKS = 1000
 _OGG_CAPTURE = b"OggS"
@@ -568,17 +582,12 @@ class PcmDecoder:
             return
         if packet.pos is not None and packet.pos > self._position:
             self._position = packet.pos
-        try:
-            frames = packet.decode()
-        except av.FFmpegError:
-            # A corrupt packet (a truncated last frame, a splice of two MP3s): skip it. Past
-            # many in a row the rest is garbage, and reading it all would only cost time.
+        frames, self._bad_in_a_row = decode_packet(packet, self._bad_in_a_row)
+        if self._bad_in_a_row:
             self.errors += 1
-            self._bad_in_a_row += 1
             if self._bad_in_a_row >= MAX_BAD_PACKETS_IN_A_ROW:
                 self._finish()
             return
-        self._bad_in_a_row = 0
         for frame in frames:
             self._append(frame)
 

@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 import av
 
-from .audio import PcmDecoder
+from .audio import MAX_BAD_PACKETS_IN_A_ROW, PcmDecoder, decode_packet
 from .engines._resample import PcmResampler
 from .errors import DecodeError, InvalidOption
 
@@ -56,8 +56,6 @@ STEP_BYTES = 2 * RATE
 # How much of a stream FFmpeg may read to recognise its format (its default, 5 MB, would make a
 # client send minutes of audio before the first word).
 PROBE_BYTES = 32 * 1024
-# Packets the codec rejects in a row before the stream is taken for garbage.
-MAX_BAD_PACKETS_IN_A_ROW = 64
 
 
 def _wav_header(rate: int) -> bytes:
@@ -163,15 +161,12 @@ class _Decoding:
                 self.errors += 1
             self._finish()
             return
-        try:
-            frames = packet.decode()
-        except av.FFmpegError:
+        frames, self._bad_in_a_row = decode_packet(packet, self._bad_in_a_row)
+        if self._bad_in_a_row:
             self.errors += 1
-            self._bad_in_a_row += 1
             if self._bad_in_a_row >= MAX_BAD_PACKETS_IN_A_ROW:
                 self._finish()
             return
-        self._bad_in_a_row = 0
         for frame in frames:
             self._add(self._resampler.resample(frame))
 
