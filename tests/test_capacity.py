@@ -8,8 +8,8 @@ never a 503 without Retry-After. Real gateways on loopback, real WAV uploads.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,33 @@ class Decided:
         self._check()
 
 
+class Placed:
+    """Holds sessions from opening until ``total`` queued clients have read their first place."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.count = 0
+        self.all = trio.Event()
+        if total == 0:
+            self.all.set()
+
+    def one(self) -> None:
+        self.count += 1
+        if self.count == self.total:
+            self.all.set()
+
+    def gate(
+        self, open_session: Callable[[SessionOptions, Lease], AbstractAsyncContextManager[Session]]
+    ) -> Callable[[SessionOptions, Lease], AbstractAsyncContextManager[Session]]:
+        @asynccontextmanager
+        async def gated(options: SessionOptions, lease: Lease) -> AsyncIterator[Session]:
+            await self.all.wait()
+            async with open_session(options, lease) as session:
+                yield session
+
+        return gated
+
+
 @pytest.mark.parametrize("route", list(ROUTES.values()), ids=list(ROUTES))
 async def test_25_at_once_are_7_places_and_18_refusals_with_retry_after(
     tmp_path: Path, route: Route, monkeypatch: pytest.MonkeyPatch
@@ -145,6 +172,11 @@ async def test_25_at_once_are_7_places_and_18_refusals_with_retry_after(
             engine = gw.state.engines["one"]
             assert isinstance(engine, ScriptedEngine)
             monkeypatch.setattr(engine, "readiness", decided.readiness)
+            # Queue events are conflated for a slow reader, so a place a client has not read
+            # yet may be overwritten by the next one. The two running sessions wait until
+            # each of the five queued clients has read its first place.
+            placed = Placed(5 if route.streaming else 0)
+            monkeypatch.setattr(engine, "open_session", placed.gate(engine.open_session))
 
             async def one(body: bytes) -> None:
                 files = {"file": ("a.wav", body, "audio/wav")}
@@ -155,8 +187,13 @@ async def test_25_at_once_are_7_places_and_18_refusals_with_retry_after(
                         refusals.append(r)
                         decided.refused()
                     elif route.streaming:
+                        seen: list[SSE] = []
                         async with aclosing(sse_events(r)) as events:
-                            streams.append([e async for e in events])
+                            async for e in events:
+                                if positions([e]) and not positions(seen):
+                                    placed.one()
+                                seen.append(e)
+                        streams.append(seen)
                     else:
                         await r.aread()
                         answers.append(r)
