@@ -21,6 +21,7 @@ from .errors import ConfigError
 __all__ = [
     "AuthConfig",
     "AymurAIConfig",
+    "ClusterConfig",
     "Config",
     "EngineConfig",
     "LogConfig",
@@ -70,6 +71,24 @@ class ServerConfig(_Section, frozen=True):
 
 class StoreConfig(_Section, frozen=True):
     path: str = "data/gateway.sqlite3"
+    # "postgresql://..." selects PostgreSQL (several replicas share it, and share admission);
+    # "" keeps the SQLite file at ``path``.
+    url: str = ""
+    # PostgreSQL only: connections the store keeps open (each query runs on a worker thread).
+    pool_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
+
+
+class ClusterConfig(_Section, frozen=True):
+    """Cluster-wide admission, active when ``store.url`` is PostgreSQL."""
+
+    # This replica's name in metrics, logs and the cluster's tables; "" = "<hostname>-<pid>".
+    replica: str = ""
+    # Seconds between this replica's heartbeats (and its fallback re-check of the queue).
+    heartbeat: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    # Seconds after its last heartbeat at which a silent replica's sessions and queued places
+    # are given back to the cluster. A replica that cannot heartbeat for this long ends its own
+    # sessions first, so the per-upstream caps hold even across a network split.
+    lease_ttl: Annotated[float, msgspec.Meta(gt=0)] = 10.0
 
 
 def _default_aliases() -> dict[str, str]:
@@ -257,6 +276,7 @@ def _default_engines() -> dict[str, EngineConfig]:
 class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     engines: dict[str, EngineConfig] = msgspec.field(default_factory=_default_engines)
     openai: OpenAIConfig = msgspec.field(default_factory=OpenAIConfig)
     aymurai: AymurAIConfig = msgspec.field(default_factory=AymurAIConfig)
@@ -274,6 +294,10 @@ class Config(_Section, frozen=True):
         ]:
             if name and name not in self.engines:
                 raise ValueError(f"{where}: {name!r} is not a configured engine")
+        if self.store.url and not self.store.url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("store.url must start with postgresql:// (or be empty for SQLite)")
+        if self.cluster.lease_ttl < 3 * self.cluster.heartbeat:
+            raise ValueError("cluster.lease_ttl must be at least 3 times cluster.heartbeat")
 
 
 def _env_value(raw: str) -> Any:
