@@ -9,6 +9,7 @@ Unknown keys, in the file or in the environment, are errors that name the key.
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -89,6 +90,10 @@ class ClusterConfig(_Section, frozen=True):
     # are given back to the cluster. A replica that cannot heartbeat for this long ends its own
     # sessions first, so the per-upstream caps hold even across a network split.
     lease_ttl: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+    def replica_name(self) -> str:
+        """``replica``, or "<hostname>-<pid>" when it is empty."""
+        return self.replica or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _default_aliases() -> dict[str, str]:
