@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +22,8 @@ from hypercorn.trio import serve as hypercorn_serve
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import pg
+
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.jobs import GatewayState
@@ -31,6 +33,19 @@ from gateway.server import asgi_app, hypercorn_config
 @pytest.fixture
 def anyio_backend() -> str:
     return "trio"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pg.PgServer]:
+    """One throwaway PostgreSQL cluster for the session (tests/pg.py); skips without one."""
+    with pg.pg_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server: pg.PgServer) -> str:
+    """A fresh database on the session's PostgreSQL: its URL."""
+    return pg_server.create_database()
 
 
 GATEWAY_CLI = [sys.executable, "-m", "gateway.cli"]
