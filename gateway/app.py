@@ -81,7 +81,8 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    replica: str = request.app.state.replica
+    return Response(metrics.render(replica), media_type=CONTENT_TYPE_LATEST)
 
 
 async def routing_error(request: Request, exc: Exception) -> Response:
@@ -122,6 +123,8 @@ def create_app(config: Config) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            # This replica's name in /metrics and /readyz, fixed for the process's life.
+            app.state.replica = config.cluster.replica_name()
             store = await stack.enter_async_context(open_store(config.store.path))
             state = GatewayState(config, store)
             for name, engine_config in config.engines.items():

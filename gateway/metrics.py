@@ -7,15 +7,22 @@ from the engines themselves, so they can never drift from the truth.
 One vocabulary for those figures: an engine's ``stats()`` keys are names from
 :data:`ENGINE_STATS`, and a figure two engines share has one name there (and so one metric,
 ``gateway_engine_<name>``), whichever engine reports it.
+
+Every series /metrics renders carries a ``replica`` label (``cluster.replica_name()``, set once at
+start-up), so that one Prometheus can scrape several replicas behind a load balancer and still
+tell them apart. The label is added at render time by :class:`ReplicaLabels`, never by the
+collectors themselves: in-process readers of :data:`REGISTRY` (tests, ``get_sample_value``) see
+the collectors' own labels.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -26,11 +33,13 @@ __all__ = [
     "HEALTHY",
     "QUEUE_LENGTH",
     "REGISTRY",
+    "REPLICA_LABEL",
     "SESSIONS",
     "SESSION_DURATION",
     "STREAM_OUTCOMES",
     "TIME_TO_FIRST_EVENT",
     "EngineStatsCollector",
+    "ReplicaLabels",
     "render",
 ]
 
@@ -118,5 +127,30 @@ class EngineStatsCollector(Collector):
         yield from families.values()
 
 
-def render() -> bytes:
-    return generate_latest(REGISTRY)
+REPLICA_LABEL = "replica"
+
+
+class ReplicaLabels(Collector):
+    """``source``'s families with ``replica="<name>"`` added to each sample.
+
+    The families are copied, never changed in place: a collector may hand out the same objects
+    at each scrape. A collector must not use the ``replica`` label itself (this one would win).
+    """
+
+    def __init__(self, source: Collector, replica: str) -> None:
+        self._source = source
+        self._replica = replica
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            labelled = copy.copy(family)
+            labelled.samples = [
+                sample._replace(labels={**sample.labels, REPLICA_LABEL: self._replica})
+                for sample in family.samples
+            ]
+            yield labelled
+
+
+def render(replica: str) -> bytes:
+    """The exposition text of :data:`REGISTRY`, each series labelled with ``replica``."""
+    return generate_latest(ReplicaLabels(REGISTRY, replica))

@@ -408,7 +408,7 @@ async def test_times_usage_store_and_metric_take_the_decoded_audios_length(
 
 
 def _audio_seconds(metrics: str) -> float:
-    prefix = 'gateway_audio_seconds_total{engine="embedded"}'
+    prefix = 'gateway_audio_seconds_total{engine="embedded",replica='
     counted = [line for line in metrics.splitlines() if line.startswith(prefix)]
     return float(counted[0].split()[-1]) if counted else 0.0
 
