@@ -59,22 +59,37 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready or not, with each part's own verdict beside the overall one: ``store`` is "ok" or
+    why it is not writable, ``admission`` says where sessions are admitted (``local``: this
+    process's engines alone) and whether it admits. Any reason makes it a 503."""
     state: GatewayState | None = getattr(request.app.state, "gateway", None)
     reasons: list[str] = []
     engines: dict[str, object] = {}
+    store = admission = "starting"
+    replica: str = getattr(request.app.state, "replica", "")
     if state is None:
         reasons.append("starting")
-    elif state.draining:
-        reasons.append("shutting down")
     else:
-        if (reason := await state.store.check_writable()) is not None:
-            reasons.append(reason)
-        for name, engine in state.engines.items():
-            engines[name] = engine.stats()
-        default = state.engines[state.config.server.default_engine]
-        if (reason := await default.readiness()) is not None:
-            reasons.append(f"engine {default.name}: {reason}")
-    body = {"status": "ready" if not reasons else "unready", "reasons": reasons, "engines": engines}
+        if state.draining:
+            reasons.append("shutting down")
+        # The store and admission are reported while draining too: they still serve the streams
+        # in flight, and an operator reading a 503 wants to know whether only the drain is why.
+        store = await state.store.check_writable() or "ok"
+        admission = "ok"
+        reasons.extend(verdict for verdict in (store, admission) if verdict != "ok")
+        if not state.draining:
+            for name, engine in state.engines.items():
+                engines[name] = engine.stats()
+            default = state.engines[state.config.server.default_engine]
+            if (reason := await default.readiness()) is not None:
+                reasons.append(f"engine {default.name}: {reason}")
+    body = {
+        "status": "ready" if not reasons else "unready",
+        "reasons": reasons,
+        "store": store,
+        "admission": {"mode": "local", "replica": replica, "status": admission},
+        "engines": engines,
+    }
     return Response(
         _json.encode(body), status_code=503 if reasons else 200, media_type="application/json"
     )

@@ -412,7 +412,7 @@ async def test_every_metric_series_carries_the_configured_replica(tmp_path: Path
 async def test_readyz_is_503_when_the_store_is_not_writable(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with (
-            run_gateway(make_config(tmp_path)) as gw,
+            run_gateway(make_config(tmp_path, cluster={"replica": "east-1"})) as gw,
             httpx.AsyncClient(base_url=gw.url, timeout=60) as c,
         ):
             store = gw.state.store
@@ -424,8 +424,22 @@ async def test_readyz_is_503_when_the_store_is_not_writable(tmp_path: Path) -> N
             ready = await c.get("/readyz")
             await store._call(lambda conn: conn.execute("ROLLBACK"))  # type: ignore[attr-defined]
             again = await c.get("/readyz")
-    assert ready.status_code == 503 and ready.json()["reasons"]
+    # The store's own verdict says why, and it is the reason for the 503; admission is fine.
+    local = {"mode": "local", "replica": "east-1", "status": "ok"}
+    assert ready.status_code == 503
+    unready = ready.json()
+    assert unready["status"] == "unready"
+    assert unready["store"].startswith("store not writable: ")
+    assert unready["reasons"] == [unready["store"]]
+    assert unready["admission"] == local
     assert again.status_code == 200
+    assert again.json() | {"engines": None} == {
+        "status": "ready",
+        "reasons": [],
+        "store": "ok",
+        "admission": local,
+        "engines": None,
+    }
 
 
 async def test_queued_positions_when_sessions_are_busy(tmp_path: Path) -> None:
