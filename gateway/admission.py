@@ -14,7 +14,9 @@ engine), each with a session cap. Admitting is two steps:
   reserved gets ``CAPACITY_TIMEOUT``. :meth:`Ticket.release` (idempotent) gives the place back,
   queued or granted, and a freed slot goes to the head of the queue at once.
 
-``acquire`` is both steps as one async context manager.
+``acquire`` is both steps as one async context manager. :meth:`Admission.admit` is ``reserve``
+for callers that serve any admission, including the cluster-wide one (:mod:`gateway.cluster`),
+whose reservation is a database transaction.
 
 Health: a key whose connection fails is marked unhealthy until a backoff deadline (the caller
 picks the backoff; :meth:`Admission.failures` tells how many failures in a row it has had). New
@@ -79,11 +81,28 @@ class _Upstream:
 
 @dataclass(eq=False)
 class Lease:
-    """The right to run one session on ``key`` (which ``reroute`` may change)."""
+    """The right to run one session on ``key`` (which ``reroute`` may change).
+
+    A shared admission (:mod:`gateway.cluster`) may revoke a lease it can no longer vouch for;
+    the session holding it must then end (:meth:`wait_revoked`). A local lease is never revoked.
+    """
 
     key: str
     _admission: Admission
     _upstream: _Upstream
+    _revoked: anyio.Event = field(default_factory=anyio.Event)
+    _revoked_because: str = ""
+
+    def revoke(self, reason: str) -> None:
+        """Withdraw the right: whoever waits in :meth:`wait_revoked` learns ``reason``."""
+        if not self._revoked.is_set():
+            self._revoked_because = reason
+            self._revoked.set()
+
+    async def wait_revoked(self) -> str:
+        """Wait until the lease is revoked (for ever, for a local one); the reason."""
+        await self._revoked.wait()
+        return self._revoked_because
 
     def failed(self, backoff: float) -> None:
         """This lease's key failed to connect: avoid it for ``backoff`` seconds."""
@@ -208,6 +227,11 @@ class Admission:
     def capacity(self) -> int:
         """Sessions that may run at once, over every upstream key."""
         return sum(u.capacity for u in self._upstreams.values())
+
+    @property
+    def capacities(self) -> dict[str, int]:
+        """The session cap of each upstream key."""
+        return {k: u.capacity for k, u in self._upstreams.items()}
 
     def sessions(self) -> dict[str, int]:
         return {k: u.sessions for k, u in self._upstreams.items()}
@@ -340,13 +364,19 @@ class Admission:
         ticket.position = len(self._waiters)
         return ticket
 
+    async def admit(self) -> Ticket:
+        """:meth:`reserve`, for callers that serve any admission: a shared one
+        (:class:`gateway.cluster.ClusterAdmission`) asks its database here. This one has no
+        checkpoint, so it stays one atomic step."""
+        return self.reserve()
+
     @asynccontextmanager
     async def acquire(self, on_queued: Callable[[int], None] | None = None) -> AsyncIterator[Lease]:
-        """Reserve and wait: hold one session slot for the duration of the block.
+        """Admit and wait: hold one session slot for the duration of the block.
 
         Raises:
             CapacityExhausted: ``max_queue`` requests are already waiting.
             CapacityTimeout: still queued after ``queue_timeout`` seconds.
         """
-        async with self.reserve().granted(on_queued) as lease:
+        async with (await self.admit()).granted(on_queued) as lease:
             yield lease

@@ -26,6 +26,7 @@ from . import metrics, openapi, web
 from .api import aymurai, live, native, openai_compat, realtime
 from .api.common import ErrorResponder
 from .auth import AuthMiddleware, KeyRing
+from .cluster import open_cluster
 from .config import Config
 from .engines import build_engine
 from .errors import BadRequest, ClientDisconnected, GatewayError, MethodNotAllowed, NotFound
@@ -146,6 +147,14 @@ def create_app(config: Config) -> Starlette:
                 engine = build_engine(name, engine_config)
                 stack.push_async_callback(engine.aclose)
                 state.engines[name] = engine
+            if config.store.url:
+                # Several replicas on one PostgreSQL share every engine's caps and queue.
+                cluster = await stack.enter_async_context(
+                    open_cluster(config.store.url, config.cluster)
+                )
+                for name, engine in state.engines.items():
+                    engine.admission = cluster.admission(name, engine.admission)
+                state.cluster = cluster
             async with anyio.create_task_group() as tg:
                 for engine in state.engines.values():
                     tg.start_soon(engine.start)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from .admission import Ticket
+from .cluster import Cluster
 from .config import Config
 from .engines import Engine
 from .errors import GatewayError, ShuttingDown, TooManyStreams, UnknownEngine, UpstreamUnavailable
@@ -85,6 +86,8 @@ class GatewayState:
     config: Config
     store: Store
     engines: dict[str, Engine] = field(default_factory=dict)
+    # Cluster-wide admission, on PostgreSQL (None: each engine admits on its own).
+    cluster: Cluster | None = None
     draining: bool = False
     stop: StopSignal = field(default_factory=StopSignal)
     active_jobs: int = 0
@@ -156,8 +159,8 @@ async def prepare_job(
 
     The tenant's slot comes first, then the cache: a cache hit needs no engine session, so it is
     served even when the engine is at capacity or unreachable, and without opening the audio. On
-    a miss the job reserves its place at the engine's admission in one synchronous step (see
-    :meth:`~gateway.admission.Admission.reserve`): it either holds a place (running or queued)
+    a miss the job reserves its place at the engine's admission in one atomic step (see
+    :meth:`~gateway.admission.Admission.admit`): it either holds a place (running or queued)
     before its 200, or is refused with 503 CAPACITY_EXHAUSTED and Retry-After, whatever the
     engine. Readiness and the audio probe come last, as they cost the most.
     """
@@ -175,7 +178,7 @@ async def prepare_job(
             stored = await state.store.get(source.id, tenant)
             cached = cached_result(stored, engine.name, language)
         if cached is None:
-            ticket = engine.admission.reserve()
+            ticket = await engine.admission.admit()
             reason = await engine.readiness()
             if reason is not None:
                 raise UpstreamUnavailable(reason)

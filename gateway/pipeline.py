@@ -32,9 +32,16 @@ from functools import partial
 import anyio
 
 from . import metrics
-from .admission import Ticket
+from .admission import Lease, Ticket
 from .engines.base import PCM_BYTES_PER_SECOND, Engine, Session, SessionOptions
-from .errors import GatewayError, ShuttingDown, Timeout, UpstreamError, collapse_groups
+from .errors import (
+    GatewayError,
+    ShuttingDown,
+    Timeout,
+    UpstreamError,
+    UpstreamUnavailable,
+    collapse_groups,
+)
 from .events import Done, EngineUpdate, Failed, Progress, Queued, StreamEvent, Transcript
 from .sources import AudioSource
 from .store import Store
@@ -299,6 +306,12 @@ def _queued(job: Job, outbox: Outbox, position: int) -> None:
     outbox.put(Queued(position))
 
 
+async def _hold(lease: Lease) -> None:
+    # A shared admission revokes a lease it can no longer vouch for (its replica lost the
+    # database for too long): the session ends rather than run past the cluster's cap.
+    raise UpstreamUnavailable(await lease.wait_revoked())
+
+
 async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
     engine = job.engine
     options = SessionOptions(
@@ -308,7 +321,7 @@ async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
         filename=job.source.filename,
     )
     if job.ticket is None:
-        job.ticket = engine.admission.reserve()
+        job.ticket = await engine.admission.admit()
     state = _RunState()
     async with (
         job.ticket.granted(lambda position: _queued(job, outbox, position)) as lease,
@@ -322,6 +335,7 @@ async def _transcribe(job: Job, outbox: Outbox) -> Transcript:
                     encoded = session.audio_format == "encoded"
                     tg.start_soon(partial(_feed, job, send, encoded=encoded))
                     tg.start_soon(_send, session, recv, state)
+                    tg.start_soon(_hold, lease)
                     await _receive(job, session, outbox, state)
                     # The final update has arrived: whatever still runs is no longer needed.
                     tg.cancel_scope.cancel()

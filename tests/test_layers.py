@@ -19,6 +19,14 @@ FORBIDDEN = {
     "gateway.auth": ("gateway.api.", "gateway.app", "gateway.jobs", "gateway.pipeline"),
     "gateway.jobs": ("gateway.api.", "gateway.app", "gateway.auth", "gateway.server"),
     "gateway.pipeline": ("gateway.api.", "gateway.app", "gateway.auth", "gateway.jobs"),
+    "gateway.cluster": (
+        "gateway.api.",
+        "gateway.app",
+        "gateway.jobs",
+        "gateway.pipeline",
+        "gateway.engines.",
+        "gateway.store",
+    ),
     "gateway.sources": (
         "gateway.api.",
         "gateway.app",
