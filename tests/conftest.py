@@ -68,15 +68,19 @@ class ServeProcess:
 
 
 async def start_serve(
-    nursery: trio.Nursery, *args: str, env: Mapping[str, str] | None = None
+    nursery: trio.Nursery,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    bind: str = "127.0.0.1:0",
 ) -> ServeProcess:
-    """Start ``gateway serve --bind 127.0.0.1:0 ARGS`` in ``nursery`` and wait for its URL.
+    """Start ``gateway serve ARGS --bind BIND`` in ``nursery`` and wait for its URL.
 
-    ``env`` replaces the environment (default: this one, unbuffered)."""
+    ``env`` replaces the environment (default: this one, unbuffered). ``bind`` is a free port by
+    default; a fixed one lets a test start a gateway again where a proxy expects it."""
     proc: trio.Process = await nursery.start(
         partial(
             trio.run_process,
-            [*GATEWAY_CLI, "serve", *args, "--bind", "127.0.0.1:0"],
+            [*GATEWAY_CLI, "serve", *args, "--bind", bind],
             stderr=subprocess.PIPE,
             env=dict(env) if env is not None else {**os.environ, "PYTHONUNBUFFERED": "1"},
             check=False,
