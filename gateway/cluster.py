@@ -297,8 +297,9 @@ class ClusterAdmission(Admission):
         cluster = self._cluster
         replica = cluster._check_admitting()
         deadline = anyio.current_time() + self.queue_timeout
+        offers = self._offers()
         seq, key, position = await cluster._db(
-            lambda conn: _reserve_sql(conn, replica, self.pool, self._offers(), self.max_queue)
+            lambda conn: _reserve_sql(conn, replica, self.pool, offers, self.max_queue)
         )
         # No checkpoint from here on: a caller cancelled during the call still gets its
         # ticket registered, and releases it on the way out.
@@ -498,11 +499,15 @@ class Cluster:
         self._released.clear()
 
     def _check_fence(self) -> None:
+        if self._id is None:
+            return
+        silent = anyio.current_time() - self._last_ok
+        # A check hanging on a dead connection has not failed yet, but admits nothing either.
+        if silent > 3 * self.heartbeat and self._problem is None:
+            self._problem = f"cluster admission: no answer from PostgreSQL for {silent:.1f} s"
         # Past lease_ttl after the last good check the others may take this replica's places:
         # stop its sessions one heartbeat before that.
-        if self._fenced or self._id is None:
-            return
-        if anyio.current_time() - self._last_ok > self.lease_ttl - self.heartbeat:
+        if not self._fenced and silent > self.lease_ttl - self.heartbeat:
             self._fenced = True
             reason = self._problem or "cluster admission: PostgreSQL unreachable"
             log.error("replica %s ends its sessions: %s", self.replica, reason)
@@ -516,6 +521,12 @@ class Cluster:
             self._wakeup = anyio.Event()
             with suppress(UpstreamUnavailable):
                 await self._check()
+
+    async def _run_fence(self) -> None:
+        # On its own clock: a check can hang in a dead connection for _DB_TIMEOUT, longer than
+        # the margin the fence has.
+        while True:
+            await anyio.sleep(self.heartbeat / 4)
             self._check_fence()
 
     # -- the listener --------------------------------------------------------------------------
@@ -583,13 +594,15 @@ async def open_cluster(url: str, config: ClusterConfig) -> AsyncIterator[Cluster
             with suppress(UpstreamUnavailable):
                 await cluster._check()
             tg.start_soon(cluster._run_checks)
+            tg.start_soon(cluster._run_fence)
             tg.start_soon(cluster._run_listener)
             try:
                 yield cluster
             finally:
                 cluster._stop.set()
-                await cluster._deregister()
                 tg.cancel_scope.cancel()
+        # Once no check can register it again.
+        await cluster._deregister()
     finally:
         pool, cluster._pool = cluster._pool, None
         if pool is not None:
