@@ -62,11 +62,13 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Ready or not, with each part's own verdict beside the overall one: ``store`` is "ok" or
     why it is not writable, ``admission`` says where sessions are admitted (``local``: this
-    process's engines alone) and whether it admits. Any reason makes it a 503."""
+    process's engines alone; ``cluster``: shared by the replicas on one PostgreSQL) and whether
+    this replica admits. Any reason makes it a 503."""
     state: GatewayState | None = getattr(request.app.state, "gateway", None)
     reasons: list[str] = []
     engines: dict[str, object] = {}
     store = admission = "starting"
+    mode = "local"
     replica: str = getattr(request.app.state, "replica", "")
     if state is None:
         reasons.append("starting")
@@ -77,6 +79,9 @@ async def readyz(request: Request) -> Response:
         # in flight, and an operator reading a 503 wants to know whether only the drain is why.
         store = await state.store.check_writable() or "ok"
         admission = "ok"
+        if state.cluster is not None:
+            mode, replica = "cluster", state.cluster.replica
+            admission = state.cluster.problem() or "ok"
         reasons.extend(verdict for verdict in (store, admission) if verdict != "ok")
         if not state.draining:
             for name, engine in state.engines.items():
@@ -88,7 +93,7 @@ async def readyz(request: Request) -> Response:
         "status": "ready" if not reasons else "unready",
         "reasons": reasons,
         "store": store,
-        "admission": {"mode": "local", "replica": replica, "status": admission},
+        "admission": {"mode": mode, "replica": replica, "status": admission},
         "engines": engines,
     }
     return Response(
