@@ -106,6 +106,8 @@ class Replica:
     runs: list[ServeProcess] = field(default_factory=list)
     port: int = 0
     running: bool = False
+    # Set when the current run's stderr has been read to its end (the process is gone).
+    log_ended: trio.Event = field(default_factory=trio.Event)
 
     @property
     def url(self) -> str:
@@ -171,7 +173,8 @@ class Replicas:
                 self._nursery, "--config", str(self.config_path), env=env, bind=bind
             )
         # Read its log all along: a full stderr pipe would block the gateway.
-        self._nursery.start_soon(run.read_output)
+        replica.log_ended = trio.Event()
+        self._nursery.start_soon(_read_log, run, replica.log_ended)
         replica.runs.append(run)
         replica.port = int(run.url.rsplit(":", 1)[1])
         replica.running = True
@@ -197,6 +200,11 @@ class Replicas:
         code = await replica.process.wait()
         replica.running = False
         return code
+
+
+async def _read_log(run: ServeProcess, ended: trio.Event) -> None:
+    await run.read_output()
+    ended.set()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, within: float) -> None:
@@ -238,5 +246,18 @@ async def run_replicas(
             else:
                 yield cluster
         finally:
-            # trio.run_process sends each replica still running SIGTERM (then SIGKILL after 5 s).
+            # SIGTERM, then the rest of each log read to its end (shielded: the test may be
+            # ending by a cancellation). Past the bound, cancelling the nursery makes
+            # trio.run_process send SIGTERM again, then SIGKILL after 5 s.
+            with trio.move_on_after(15, shield=True):
+                for replica in cluster:
+                    if replica.running:
+                        replica.process.terminate()
+                for replica in cluster:
+                    if replica.runs:
+                        await replica.log_ended.wait()
             nursery.cancel_scope.cancel()
+            # Captured by pytest, and shown when the test fails: what each replica logged.
+            for replica in cluster:
+                print(f"--- {replica.name} ({replica.url}) ---")
+                print(replica.log.decode(errors="replace"))
