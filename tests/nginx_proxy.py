@@ -79,7 +79,7 @@ class Nginx:
             local_address=CLIENT_ADDRESS, http2=http2, verify=self.tls
         )
         return httpx.AsyncClient(
-            base_url=self.url, transport=transport, timeout=httpx.Timeout(30.0), **kw
+            **{"base_url": self.url, "transport": transport, "timeout": 30.0, **kw}
         )
 
 

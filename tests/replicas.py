@@ -11,15 +11,16 @@ API::
     async with run_replicas(tmp_path, pg_url, count=2, sections={...}) as cluster:
         a, b = cluster                  # Replica objects, named "replica-a", "replica-b", ...
         a.url                           # http://127.0.0.1:<port>, the same across restarts
-        async with a.client() as c:     # httpx client straight to that replica
+        async with a.client() as c:     # httpx client straight to that replica (any httpx
+            ...                         # AsyncClient keyword: timeout=, headers=, ...)
+        async with cluster.client() as c:   # httpx client of nginx (https, h2; http2=False)
             ...
-        async with cluster.client() as c:   # httpx client of nginx (TLS, h2; None: no nginx)
-            ...
-        cluster.nginx.folder / "access.log"
+        cluster.nginx.folder / "access.log" # nginx's logs (cluster.nginx is None: nginx=False)
         await cluster.kill(a)           # SIGKILL; returns once the process is gone
         await cluster.start(a)          # again on a.url; returns once /readyz answers 200
         await cluster.stop(b)           # SIGTERM (graceful drain); returns its exit code
         a.running                       # False between kill/stop and start
+        a.process                       # the current run's trio.Process (pid, returncode)
         a.log                           # all its stderr so far (JSON log lines), every run
         a.access_log()                  # its gateway.access records (dicts), every run
         await eventually(check, within=10)  # poll an async check of another process
@@ -27,8 +28,8 @@ API::
 ``sections`` is merged over the defaults below, one section at a time (``engines`` is replaced
 whole, so name its default engine in ``server.default_engine``): e.g. a WhisperLiveKit engine on
 a fake upstream, ``cluster.heartbeat``/``lease_ttl``, ``auth.keys_file``. Values are TOML
-scalars or lists; a nested mapping is a sub-table. The default engine is ``scripted``, with
-words that say which run of the tests wrote them.
+scalars or lists; a nested mapping is a sub-table. The default engine is ``scripted``: every
+upload says :data:`WORDS` ("shared across replicas").
 
 Bounds: every wait here is bounded (start-up 60 s, readiness 30 s); a test adds its own
 ``trio.fail_after`` around the whole.
@@ -132,7 +133,8 @@ class Replica:
         return records
 
     def client(self, **kw: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(30.0), **kw)
+        """An httpx client of this replica (30 s timeouts unless ``timeout`` is given)."""
+        return httpx.AsyncClient(**{"base_url": self.url, "timeout": 30.0, **kw})
 
 
 @dataclass
