@@ -1,4 +1,7 @@
-"""Transcripts in SQLite, on one dedicated worker thread.
+"""Transcripts in SQLite, on one dedicated worker thread; and ``open_store``, which picks the
+backend: SQLite (the embedded default, one machine) or PostgreSQL (``store.url``, several
+replicas: :mod:`gateway.store_pg`). The abstract :class:`Store` and what the backends share are
+in :mod:`gateway.store_base`, re-exported here.
 
 aiosqlite is asyncio-only (it hands trio asyncio futures), so the store follows aiosqlite's own
 design in a trio-safe way: one thread owns the stdlib ``sqlite3`` connection and runs jobs from a
@@ -26,7 +29,6 @@ import os
 import queue
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,13 +36,23 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import msgspec
 
-from .errors import InvalidBody, StoreError, collapse_groups
-from .events import MAX_SECONDS, Segment, Transcript, Word
+from .config import StoreConfig
+from .errors import StoreError, collapse_groups
+from .events import Transcript
+from .store_base import (
+    CORRECT_SQL,
+    SAVE_SQL,
+    Store,
+    StoredTranscript,
+    check_times,
+    content_uuid,
+    save_params,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SqliteStore",
     "Store",
     "StoredTranscript",
     "check_times",
@@ -78,60 +90,6 @@ _MIGRATIONS = [
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_segments_enc = msgspec.json.Encoder()
-_segments_dec = msgspec.json.Decoder(tuple[Segment, ...])
-_words_dec = msgspec.json.Decoder(tuple[Word, ...])
-
-
-def content_uuid(id: str) -> str:
-    """The UUID form of a content id: ``uuid5(NAMESPACE_DNS, id)``."""
-    return str(uuid.uuid5(uuid.NAMESPACE_DNS, id))
-
-
-def check_times(segments: tuple[Segment, ...]) -> None:
-    """Refuse (InvalidBody) human-made segments whose times some view could not render: every
-    time within 0..MAX_SECONDS, and no segment ending before it starts. NaN fails every test."""
-    for i, s in enumerate(segments):
-        if not (0 <= s.start <= s.end <= MAX_SECONDS):
-            raise InvalidBody(
-                f"segment {i}: need 0 <= start <= end <= {MAX_SECONDS:.0f},"
-                f" got start {s.start!r}, end {s.end!r}"
-            )
-
-
-class StoredTranscript(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    engine: str
-    language: str
-    segments: tuple[Segment, ...]
-    words: tuple[Word, ...]
-    text: str
-    duration: float | None
-    created_at: float
-    corrected: tuple[Segment, ...] | None = None
-    corrected_at: float | None = None
-
-    @property
-    def uuid(self) -> str:
-        return content_uuid(self.id)
-
-    def transcript(self, *, corrections: bool = False) -> Transcript:
-        """The stored transcript as a final snapshot: the machine's, or with ``corrections`` the
-        human-corrected segments when there are any."""
-        segments = self.segments
-        if corrections and self.corrected is not None:
-            segments = self.corrected
-        return Transcript(
-            id=self.id,
-            segments=segments,
-            committed=len(segments),
-            current_time=self.duration or (segments[-1].end if segments else 0.0),
-            total_time=self.duration,
-            words=self.words if segments is self.segments else (),
-            engine=self.engine,
-            language=self.language,
-        )
-
 
 @dataclass(eq=False)
 class _Job:
@@ -166,11 +124,15 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-class Store:
+class SqliteStore(Store):
     def __init__(self, path: str) -> None:
         self.path = path
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
+
+    @property
+    def location(self) -> str:
+        return self.path
 
     # -- the dedicated thread ----------------------------------------------------------------
     def _serve(self, started: Callable[[], None]) -> None:
@@ -213,88 +175,28 @@ class Store:
             self._jobs.put(None)
 
     # -- operations ---------------------------------------------------------------------------
-    async def get(self, id: str, tenant: str = "") -> StoredTranscript | None:
-        def q(conn: sqlite3.Connection) -> Any:
-            return conn.execute(
-                "SELECT engine, language, segments, words, text, duration, created_at,"
-                " corrected, corrected_at FROM transcripts WHERE tenant = ? AND id = ?",
-                (tenant, id),
-            ).fetchone()
-
-        row = await self._call(q)
-        if row is None:
-            return None
-        engine, language, segs, words, text, duration, created, corrected, corrected_at = row
-        return StoredTranscript(
-            id=id,
-            engine=engine,
-            language=language,
-            segments=_segments_dec.decode(segs),
-            words=_words_dec.decode(words),
-            text=text,
-            duration=duration,
-            created_at=created,
-            corrected=_segments_dec.decode(corrected) if corrected is not None else None,
-            corrected_at=corrected_at,
+    async def _fetch_one(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = await self._call(
+            lambda conn: conn.execute(query, params).fetchone()
         )
+        return row
 
     async def save(self, transcript: Transcript, tenant: str = "") -> None:
         """Store a complete transcript; an existing row's corrections are kept."""
-        params = (
-            tenant,
-            transcript.id,
-            content_uuid(transcript.id),
-            transcript.engine,
-            transcript.language,
-            _segments_enc.encode(transcript.segments),
-            _segments_enc.encode(transcript.words),
-            transcript.text,
-            transcript.total_time if transcript.total_time is not None else transcript.current_time,
-            time.time(),
-        )
+        params = save_params(transcript, tenant)
 
         def q(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO transcripts (tenant, id, uuid, engine, language, segments, words,"
-                " text, duration, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (tenant, id) DO UPDATE SET engine = excluded.engine,"
-                " language = excluded.language, segments = excluded.segments,"
-                " words = excluded.words, text = excluded.text, duration = excluded.duration,"
-                " created_at = excluded.created_at",
-                params,
-            )
+            conn.execute(SAVE_SQL, params)
 
         await self._call(q)
 
-    async def find_uuid(self, uuid: str, tenant: str = "") -> str | None:
-        """The id whose UUID form is ``uuid``, if that transcript is stored."""
-
-        def q(conn: sqlite3.Connection) -> Any:
-            return conn.execute(
-                "SELECT id FROM transcripts WHERE tenant = ? AND uuid = ?", (tenant, uuid)
-            ).fetchone()
-
-        row = await self._call(q)
-        return None if row is None else str(row[0])
-
-    async def set_corrections(
-        self, id: str, segments: tuple[Segment, ...], tenant: str = ""
-    ) -> bool:
-        """Save human-corrected segments; False when the transcript is unknown. Times are checked
-        here, for every front API (:func:`check_times`)."""
-        check_times(segments)
-        blob = _segments_enc.encode(segments)
-
+    async def _save_corrections(self, id: str, blob: bytes, tenant: str) -> bool:
         def q(conn: sqlite3.Connection) -> bool:
             # Durable across a power loss too (see the module docstring): the setting applies to
             # the commit of this one autocommit statement.
             conn.execute("PRAGMA synchronous=FULL")
             try:
-                cur = conn.execute(
-                    "UPDATE transcripts SET corrected = ?, corrected_at = ?"
-                    " WHERE tenant = ? AND id = ?",
-                    (blob, time.time(), tenant, id),
-                )
+                cur = conn.execute(CORRECT_SQL, (blob, time.time(), tenant, id))
             finally:
                 conn.execute("PRAGMA synchronous=NORMAL")
             return cur.rowcount > 0
@@ -317,9 +219,30 @@ class Store:
 
 
 @asynccontextmanager
-async def open_store(path: str) -> AsyncIterator[Store]:
+async def open_store(target: StoreConfig | str) -> AsyncIterator[Store]:
+    """Open the store (creating and migrating its schema) until the block exits.
+
+    ``target`` is the ``[store]`` section (its ``url`` when set, else its ``path``) or a string:
+    a ``postgresql://`` URL, or the path of a SQLite file."""
+    if isinstance(target, StoreConfig):
+        where, pool_size = target.url or target.path, target.pool_size
+    else:
+        where, pool_size = os.fspath(target), StoreConfig().pool_size
+    if where.startswith(("postgresql://", "postgres://")):
+        # Imported here: a SQLite gateway never loads the PostgreSQL driver.
+        from .store_pg import open_postgres_store
+
+        async with open_postgres_store(where, pool_size=pool_size) as pg:
+            yield pg
+        return
+    async with _open_sqlite(where) as sqlite:
+        yield sqlite
+
+
+@asynccontextmanager
+async def _open_sqlite(path: str) -> AsyncIterator[SqliteStore]:
     """Open (creating and migrating) the database and run its thread until the block exits."""
-    store = Store(os.fspath(path))
+    store = SqliteStore(path)
     try:
         with collapse_groups():
             async with anyio.create_task_group() as tg:

@@ -1,4 +1,5 @@
-"""The SQLite store on its dedicated thread: persistence, atomic saves, corrections, schema."""
+"""The store: the SQLite backend on its dedicated thread (persistence, atomic saves, schema), and
+the semantics both backends share, run against SQLite and a real PostgreSQL (tests/pg.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ from gateway.events import MAX_SECONDS, Segment, Transcript
 from gateway.store import SCHEMA_VERSION, open_store
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a backend-neutral test opens its store: a SQLite file, or a fresh PostgreSQL
+    database on the session's throwaway cluster."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("pg_url"))
+    return str(tmp_path / "g.sqlite3")
 
 
 def transcript(id: str, text: str) -> Transcript:
@@ -39,9 +49,9 @@ async def test_survives_a_reopen_in_wal_mode(tmp_path: Path) -> None:
     conn.close()
 
 
-async def test_resaving_keeps_human_corrections(tmp_path: Path) -> None:
+async def test_resaving_keeps_human_corrections(target: str) -> None:
     with trio.fail_after(10):
-        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+        async with open_store(target) as store:
             await store.save(transcript("a", "helo"))
             assert await store.set_corrections("a", (Segment(0.0, 1.0, "Hello."),))
             assert not await store.set_corrections("zzz", ())
@@ -51,9 +61,9 @@ async def test_resaving_keeps_human_corrections(tmp_path: Path) -> None:
     assert got.corrected == (Segment(0.0, 1.0, "Hello."),)
 
 
-async def test_tenants_are_separate(tmp_path: Path) -> None:
+async def test_tenants_are_separate(target: str) -> None:
     with trio.fail_after(10):
-        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+        async with open_store(target) as store:
             await store.save(transcript("a", "mine"), tenant="t1")
             assert await store.get("a", tenant="t2") is None
             assert (await store.get("a", tenant="t1")) is not None
@@ -79,15 +89,15 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
             pass
 
 
-async def test_closed_store_refuses_work(tmp_path: Path) -> None:
+async def test_closed_store_refuses_work(target: str) -> None:
     with trio.fail_after(10):
-        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+        async with open_store(target) as store:
             pass
         with pytest.raises(StoreError):
             await store.get("a")
 
 
-async def test_uuid_form_finds_the_id_per_tenant(tmp_path: Path) -> None:
+async def test_uuid_form_finds_the_id_per_tenant(target: str) -> None:
     # The AymurAI test vector: uuid5(DNS, blake2b(b"hello", digest_size=16).hexdigest()).
     import hashlib
 
@@ -96,7 +106,7 @@ async def test_uuid_form_finds_the_id_per_tenant(tmp_path: Path) -> None:
     id = hashlib.blake2b(b"hello", digest_size=16).hexdigest()
     assert content_uuid(id) == "6270dbbc-5c59-513c-99ad-d9a25ffdcf0b"
     with trio.fail_after(10):
-        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+        async with open_store(target) as store:
             await store.save(transcript(id, "hi"), tenant="t1")
             assert await store.find_uuid(content_uuid(id), tenant="t1") == id
             assert await store.find_uuid(content_uuid(id), tenant="t2") is None
@@ -128,9 +138,9 @@ async def test_version_1_database_migrates_and_keeps_its_rows(tmp_path: Path) ->
             assert await store.find_uuid(content_uuid("abc")) == "abc"
 
 
-async def test_corrections_view_replaces_segments_and_flags_nothing_else(tmp_path: Path) -> None:
+async def test_corrections_view_replaces_segments_and_flags_nothing_else(target: str) -> None:
     with trio.fail_after(10):
-        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+        async with open_store(target) as store:
             await store.save(transcript("a", "helo"))
             got = await store.get("a")
             assert got is not None and got.transcript(corrections=True).text == "helo"
@@ -153,10 +163,10 @@ async def test_corrections_view_replaces_segments_and_flags_nothing_else(tmp_pat
     ],
 )
 async def test_corrections_with_times_no_view_can_render_are_refused(
-    tmp_path: Path, segment: Segment
+    target: str, segment: Segment
 ) -> None:
     with trio.fail_after(10):
-        async with open_store(str(tmp_path / "g.sqlite3")) as store:
+        async with open_store(target) as store:
             await store.save(transcript("a", "helo"))
             with pytest.raises(InvalidBody, match="segment 1"):
                 await store.set_corrections("a", (Segment(0.0, 1.0, "fine"), segment))
