@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python bench/storm.py
 	$(BIN)/python bench/crash.py
 	$(BIN)/python bench/fuzz.py
+	$(BIN)/python bench/cluster.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
