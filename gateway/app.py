@@ -146,7 +146,7 @@ def create_app(config: Config) -> Starlette:
         async with contextlib.AsyncExitStack() as stack:
             # This replica's name in /metrics and /readyz, fixed for the process's life.
             app.state.replica = config.cluster.replica_name()
-            store = await stack.enter_async_context(open_store(config.store.path))
+            store = await stack.enter_async_context(open_store(config.store))
             state = GatewayState(config, store)
             for name, engine_config in config.engines.items():
                 engine = build_engine(name, engine_config)
@@ -168,7 +168,7 @@ def create_app(config: Config) -> Starlette:
             stack.callback(metrics.REGISTRY.unregister, collector)
             app.state.gateway = state
             log.info(
-                "gateway ready: engines %s, store %s", ", ".join(state.engines), config.store.path
+                "gateway ready: engines %s, store %s", ", ".join(state.engines), store.location
             )
             yield
             log.info("gateway stopping")

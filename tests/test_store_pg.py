@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import trio
 import trio.testing
-from conftest import wait_until
+from audio_util import GOFORWARD
+from conftest import make_config, run_gateway, wait_until
 from pg import PgServer, pg_server
 
 from gateway.config import StoreConfig
@@ -299,3 +302,21 @@ async def test_postgresql_crashing_mid_use_fails_calls_then_they_work_again() ->
                 assert got is not None and got.text == "saved after the restart"
                 assert await store.check_writable() is None
     print(f"first call after the restart took {recovered:.2f} s")
+
+
+async def test_a_gateway_with_store_url_keeps_its_transcripts_in_postgresql(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """``store.url`` selects PostgreSQL in ``gateway serve``: a transcript made through the API
+    is a row there (no SQLite file is made), and a second gateway on it answers from cache."""
+    config = make_config(tmp_path, store={"url": pg_url, "path": str(tmp_path / "unused.db")})
+    audio = {"file": (GOFORWARD.name, GOFORWARD.read_bytes(), "audio/wav")}
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            first = (await c.post("/v1/transcriptions", files=audio)).json()
+            assert first["cached"] is False and "forward" in first["text"]
+        assert sql(pg_url, "SELECT id, text FROM transcripts") == [(first["id"], first["text"])]
+        assert not (tmp_path / "unused.db").exists()
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            again = (await c.post("/v1/transcriptions", files=audio)).json()
+            assert again["cached"] is True and again["text"] == first["text"]
