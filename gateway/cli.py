@@ -1,5 +1,5 @@
 """The ``gateway`` command: ``serve`` runs the server, ``transcribe`` is a live SSE client,
-``keys`` manages API keys."""
+``keys`` manages API keys, ``store migrate`` applies the store's schema migrations."""
 
 from __future__ import annotations
 
@@ -131,6 +131,22 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace) -> int:
+    from .errors import StoreError
+    from .store import migrate_store
+
+    try:
+        before, after = migrate_store(load_config(args.config).store)
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    print(f"schema {before} -> {after}")
+    return 0
+
+
 def _bar(current: float, total: float | None, width: int) -> str:
     if not total:
         return f"[{current:7.1f}s]"
@@ -225,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "revoke":
             p.add_argument("id")
         p.set_defaults(func=_keys)
+    store = sub.add_parser("store", help="the transcript store (store.path, or store.url)")
+    store_actions = store.add_subparsers(dest="action", required=True)
+    p = store_actions.add_parser(
+        "migrate", help="apply pending schema migrations and print the versions (serve does too)"
+    )
+    p.add_argument("--config", help="path to gateway.toml")
+    p.set_defaults(func=_store)
     p = sub.add_parser("transcribe", help="stream a file's transcript live from a gateway")
     p.add_argument("file")
     p.add_argument("--url", default="http://127.0.0.1:8000")

@@ -30,7 +30,7 @@ import queue
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +57,7 @@ __all__ = [
     "StoredTranscript",
     "check_times",
     "content_uuid",
+    "migrate_store",
     "open_store",
 ]
 
@@ -218,17 +219,25 @@ class SqliteStore(Store):
         return None
 
 
+def _selected(target: StoreConfig | str) -> tuple[str, int]:
+    """The database ``target`` names (a postgresql:// URL or a SQLite path) and the pool size."""
+    if isinstance(target, StoreConfig):
+        return target.url or target.path, target.pool_size
+    return os.fspath(target), StoreConfig().pool_size
+
+
+def _is_postgres(where: str) -> bool:
+    return where.startswith(("postgresql://", "postgres://"))
+
+
 @asynccontextmanager
 async def open_store(target: StoreConfig | str) -> AsyncIterator[Store]:
     """Open the store (creating and migrating its schema) until the block exits.
 
     ``target`` is the ``[store]`` section (its ``url`` when set, else its ``path``) or a string:
     a ``postgresql://`` URL, or the path of a SQLite file."""
-    if isinstance(target, StoreConfig):
-        where, pool_size = target.url or target.path, target.pool_size
-    else:
-        where, pool_size = os.fspath(target), StoreConfig().pool_size
-    if where.startswith(("postgresql://", "postgres://")):
+    where, pool_size = _selected(target)
+    if _is_postgres(where):
         # Imported here: a SQLite gateway never loads the PostgreSQL driver.
         from .store_pg import open_postgres_store
 
@@ -237,6 +246,26 @@ async def open_store(target: StoreConfig | str) -> AsyncIterator[Store]:
         return
     async with _open_sqlite(where) as sqlite:
         yield sqlite
+
+
+def migrate_store(target: StoreConfig | str) -> tuple[int, int]:
+    """Apply the pending schema migrations of the store ``target`` names (as ``open_store``
+    reads it) without serving it: the schema versions before and after. StoreError for a
+    schema newer than this gateway, or a database that cannot be opened."""
+    where, _ = _selected(target)
+    if _is_postgres(where):
+        from .store_pg import migrate_url
+
+        return migrate_url(where)
+    try:
+        before = 0
+        if Path(where).exists():
+            with closing(sqlite3.connect(where)) as conn:
+                before = conn.execute("PRAGMA user_version").fetchone()[0]
+        _connect(where).close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot migrate database {where}: {exc}") from exc
+    return before, SCHEMA_VERSION
 
 
 @asynccontextmanager

@@ -64,6 +64,7 @@ __all__ = [
     "PostgresStore",
     "connection_pool",
     "migrate",
+    "migrate_url",
     "open_pool",
     "open_postgres_store",
     "redacted",
@@ -215,6 +216,16 @@ def migrate(conn: psycopg.Connection[Any], target: int | None = None) -> int:
         if goal > version:
             conn.execute("UPDATE gateway_schema SET version = %s", (goal,))
         return max(version, goal)
+
+
+def migrate_url(url: str, *, max_wait: float = DEFAULT_MAX_WAIT) -> tuple[int, int]:
+    """:func:`migrate` the database at ``url`` on a connection of its own (``gateway store
+    migrate``): the schema versions before and after."""
+    with store_errors(f"cannot connect to {redacted(url)}"):
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=max(2, math.ceil(max_wait)))
+    with conn:
+        before = schema_version(conn)
+        return before, migrate(conn)
 
 
 def connection_pool(

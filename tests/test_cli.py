@@ -98,3 +98,54 @@ async def test_serve_caps_glibc_malloc_arenas_unless_the_environment_says(env_va
         assert result.stdout.strip() == b"False" and arenas > 2
     else:
         assert result.stdout.strip() == b"True" and 1 <= arenas <= 2
+
+
+async def _store_migrate(config_file: Path) -> tuple[int, str, str]:
+    result = await trio.run_process(
+        [*GATEWAY_CLI, "store", "migrate", "--config", str(config_file)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_store_migrate_on_postgresql_prints_the_versions_and_refuses_a_newer_schema(
+    tmp_path: Path, pg_url: str
+) -> None:
+    import psycopg
+
+    from gateway.store_pg import PG_SCHEMA_VERSION, migrate
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        migrate(conn, 2)
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[store]\nurl = "{pg_url}"\n')
+    with trio.fail_after(60):
+        assert await _store_migrate(config) == (0, f"schema 2 -> {PG_SCHEMA_VERSION}\n", "")
+        now = f"schema {PG_SCHEMA_VERSION} -> {PG_SCHEMA_VERSION}\n"
+        assert await _store_migrate(config) == (0, now, "")
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE gateway_schema SET version = %s", (PG_SCHEMA_VERSION + 1,))
+        code, out, err = await _store_migrate(config)
+    assert (code, out) == (1, "")
+    assert f"schema {PG_SCHEMA_VERSION + 1} is newer than this gateway ({PG_SCHEMA_VERSION})" in err
+
+
+async def test_store_migrate_on_sqlite(tmp_path: Path) -> None:
+    import sqlite3
+    from contextlib import closing
+
+    from gateway.store import SCHEMA_VERSION
+
+    db = tmp_path / "db" / "g.sqlite3"
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[store]\npath = "{db}"\n')
+    with trio.fail_after(60):
+        assert await _store_migrate(config) == (0, f"schema 0 -> {SCHEMA_VERSION}\n", "")
+        now = f"schema {SCHEMA_VERSION} -> {SCHEMA_VERSION}\n"
+        assert await _store_migrate(config) == (0, now, "")
+        with closing(sqlite3.connect(db)) as conn:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        code, out, err = await _store_migrate(config)
+    assert (code, out) == (1, "") and "newer than this gateway" in err
