@@ -10,10 +10,11 @@ from contextlib import aclosing
 from pathlib import Path
 
 import httpx
+import pg
 import pytest
 import trio
 from audio_util import GOFORWARD, LIBRIVOX, SHORT, pcm_of, write_wav
-from conftest import collect, make_config, run_gateway, sse_events
+from conftest import collect, make_config, run_gateway, sse_events, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import exports
@@ -440,6 +441,44 @@ async def test_readyz_is_503_when_the_store_is_not_writable(tmp_path: Path) -> N
         "admission": local,
         "engines": None,
     }
+
+
+async def test_readyz_reports_the_store_and_cluster_admission_apart(tmp_path: Path) -> None:
+    # Its own PostgreSQL, since the test stops it.
+    with pg.pg_server() as server:
+        config = make_config(
+            tmp_path,
+            store={"url": server.create_database()},
+            cluster={"replica": "west-2", "heartbeat": 0.1, "lease_ttl": 0.5},
+        )
+        with trio.fail_after(90):
+            # A timeout past the store's: with PostgreSQL down, its check waits for a connection
+            # up to the pool's max_wait (5 s) before /readyz answers.
+            async with (
+                run_gateway(config) as gw,
+                httpx.AsyncClient(base_url=gw.url, timeout=30) as c,
+            ):
+                cluster = gw.state.cluster
+                assert cluster is not None
+                ready = await c.get("/readyz")
+                await trio.to_thread.run_sync(server.stop, "fast")
+                # The cluster notices at its next heartbeat; /readyz then says why, per part.
+                await wait_until(lambda: cluster.problem() is not None)
+                down = await c.get("/readyz")
+                await trio.to_thread.run_sync(server.start)
+                await wait_until(lambda: cluster.problem() is None)
+                back = await c.get("/readyz")
+    assert ready.status_code == 200 and back.status_code == 200
+    for body in (ready.json(), back.json()):
+        assert body["store"] == "ok" and body["reasons"] == []
+        assert body["admission"] == {"mode": "cluster", "replica": "west-2", "status": "ok"}
+    assert down.status_code == 503
+    unready = down.json()
+    assert unready["store"].startswith("store not writable: ")
+    admission = unready["admission"]
+    assert admission["mode"] == "cluster" and admission["replica"] == "west-2"
+    assert admission["status"].startswith("cluster admission: ")
+    assert unready["reasons"] == [unready["store"], admission["status"]]
 
 
 async def test_queued_positions_when_sessions_are_busy(tmp_path: Path) -> None:
