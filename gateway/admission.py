@@ -233,6 +233,10 @@ class Admission:
         """The session cap of each upstream key."""
         return {k: u.capacity for k, u in self._upstreams.items()}
 
+    def shared_figures(self) -> dict[str, int]:
+        """Figures of the admission shared with other replicas (none for a local one)."""
+        return {}
+
     def sessions(self) -> dict[str, int]:
         return {k: u.sessions for k, u in self._upstreams.items()}
 

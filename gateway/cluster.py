@@ -66,6 +66,7 @@ import psycopg_pool
 from .admission import Admission, Lease, Ticket
 from .config import ClusterConfig
 from .errors import CapacityExhausted, CapacityTimeout, UpstreamUnavailable
+from .metrics import CLUSTER_QUEUE_LENGTH, CLUSTER_SESSIONS
 
 __all__ = ["Cluster", "ClusterAdmission", "open_cluster"]
 
@@ -274,6 +275,12 @@ class ClusterAdmission(Admission):
     @property
     def queue_length(self) -> int:
         return sum(1 for t in self._tickets.values() if t.lease is None)
+
+    def shared_figures(self) -> dict[str, int]:
+        return {
+            CLUSTER_SESSIONS: self.cluster_sessions,
+            CLUSTER_QUEUE_LENGTH: self.cluster_queue,
+        }
 
     def _offers(self) -> list[_Offer]:
         now = anyio.current_time()

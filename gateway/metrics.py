@@ -29,6 +29,8 @@ __all__ = [
     "ACTIVE_STREAMS",
     "AUDIO_SECONDS",
     "CAPACITY",
+    "CLUSTER_QUEUE_LENGTH",
+    "CLUSTER_SESSIONS",
     "ENGINE_STATS",
     "HEALTHY",
     "QUEUE_LENGTH",
@@ -85,6 +87,8 @@ SESSIONS = "sessions"
 CAPACITY = "capacity"
 QUEUE_LENGTH = "queue_length"
 HEALTHY = "healthy"
+CLUSTER_SESSIONS = "cluster_sessions"
+CLUSTER_QUEUE_LENGTH = "cluster_queue_length"
 ENGINE_STATS: dict[str, str] = {
     SESSIONS: "Engine sessions running (per upstream for a pool).",
     CAPACITY: "Sessions the engine runs at once; more wait in its queue.",
@@ -97,6 +101,8 @@ ENGINE_STATS: dict[str, str] = {
     "dropped_chunks": "Audio chunks dropped because the buffer before the upstream was full.",
     "dropped_bytes": "Audio bytes dropped because the buffer before the upstream was full.",
     "unreplayable_bytes": "Audio bytes that could no longer be replayed (past the replay cap).",
+    CLUSTER_SESSIONS: "Engine sessions running on every replica, at this replica's last check.",
+    CLUSTER_QUEUE_LENGTH: "Sessions queued on every replica, at this replica's last check.",
 }
 
 

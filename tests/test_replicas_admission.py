@@ -19,6 +19,7 @@ import trio
 from conftest import SSE, sse_events
 from fakes.wlk_server import FakeWlkServer, pcm_words, wav_bytes
 from pg import pg_server
+from prometheus_client.parser import text_string_to_metric_families
 from replicas import Replica, Replicas, eventually, run_replicas
 
 pytestmark = pytest.mark.anyio
@@ -118,6 +119,11 @@ async def test_two_replicas_share_one_upstream_cap_and_one_queue(
                     queued = await second.wait_for("queued")
                     assert queued.data["position"] == 1
                     assert fake.active == 1
+                    # B runs nothing itself, yet reports the cluster's session and its queue.
+                    figures = await engine_figures(b)
+                    assert figures["gateway_engine_sessions"] == 0
+                    assert figures["gateway_engine_cluster_sessions"] == 1
+                    assert figures["gateway_engine_cluster_queue_length"] == 1
                 assert first.last() == "done" and second.last() == "done", (
                     first.events,
                     second.events,
@@ -150,6 +156,19 @@ async def test_a_killed_replica_gives_its_place_back_within_the_lease_bound(
                 assert freed_after <= LEASE_TTL + 3 * HEARTBEAT + 2.0, freed_after
                 assert fake.peak_active == 1
                 await check_readiness(cluster)
+
+
+async def engine_figures(replica: Replica) -> dict[str, float]:
+    """The wlk engine's gateway_engine_* gauges on ``replica``'s /metrics, summed over upstreams."""
+    async with replica.client() as client:
+        text = (await client.get("/metrics")).text
+    figures: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("gateway_engine_") and sample.labels.get("engine") == "wlk":
+                assert sample.labels["replica"] == replica.name
+                figures[sample.name] = figures.get(sample.name, 0) + sample.value
+    return figures
 
 
 async def check_readiness(cluster: Replicas) -> None:

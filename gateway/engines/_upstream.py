@@ -225,4 +225,5 @@ def pool_stats(admission: Admission) -> dict[str, Mapping[str, int] | int]:
         SESSIONS: admission.sessions(),
         QUEUE_LENGTH: admission.queue_length,
         HEALTHY: {upstream: int(ok) for upstream, ok in admission.health().items()},
+        **admission.shared_figures(),
     }

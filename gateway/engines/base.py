@@ -146,7 +146,7 @@ class Engine(abc.ABC):
         }
         if self.admission.capacity < UNLIMITED:
             stats["capacity"] = self.admission.capacity
-        return stats
+        return stats | self.admission.shared_figures()
 
     async def aclose(self) -> None:  # noqa: B027 - a hook: most engines hold nothing
         """Release engine-wide resources. Idempotent."""
