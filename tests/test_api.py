@@ -383,10 +383,11 @@ async def test_health_ready_and_metrics(tmp_path: Path) -> None:
             name, frozenset({"engine": "embedded", "replica": replica, **labels}.items())
         ]
 
+    # The registry is the process's: earlier tests' gateways counted into it too.
     assert value("gateway_active_streams") == 0
-    assert value("gateway_stream_outcomes_total", code="OK") == 1
-    assert value("gateway_time_to_first_event_seconds_bucket", le="+Inf") == 1
-    assert value("gateway_session_duration_seconds_bucket", le="+Inf") == 1
+    assert value("gateway_stream_outcomes_total", code="OK") >= 1
+    assert value("gateway_time_to_first_event_seconds_bucket", le="+Inf") >= 1
+    assert value("gateway_session_duration_seconds_bucket", le="+Inf") >= 1
     assert value("gateway_audio_seconds_total") > 0
     assert value("gateway_engine_sessions", upstream="") == 0
 
@@ -404,8 +405,8 @@ async def test_every_metric_series_carries_the_configured_replica(tmp_path: Path
     assert len(samples) > 20
     assert {s.labels.get("replica") for s in samples} == {"east-1"}
     # The collectors' own labels are all still there, beside it.
-    [outcome] = [s for s in samples if s.name == "gateway_stream_outcomes_total"]
-    assert outcome.labels == {"engine": "embedded", "code": "OK", "replica": "east-1"}
+    outcomes = [s.labels for s in samples if s.name == "gateway_stream_outcomes_total"]
+    assert {"engine": "embedded", "code": "OK", "replica": "east-1"} in outcomes
     stats = {s.name for s in samples if s.name.startswith("gateway_engine_")}
     assert "gateway_engine_capacity" in stats
 
