@@ -33,6 +33,7 @@ module with ``raise ... from exc``.
     ├── Timeout                       TIMEOUT                504
     ├── ShuttingDown                  SHUTTING_DOWN          503
     ├── StoreError                    STORE_ERROR            500
+    │   └── StoreUnavailable          STORE_UNAVAILABLE      503 (+ Retry-After)
     └── InternalError                 INTERNAL_ERROR         500
 
 ``ConfigError`` stands apart: it is raised at start-up, never shown to an HTTP client. So does
@@ -71,6 +72,7 @@ __all__ = [
     "RequestTimeout",
     "ShuttingDown",
     "StoreError",
+    "StoreUnavailable",
     "Timeout",
     "TooManyStreams",
     "Unauthorized",
@@ -210,6 +212,12 @@ class ShuttingDown(GatewayError):
 
 class StoreError(GatewayError):
     code, status = "STORE_ERROR", 500
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached now (PostgreSQL down or restarting): try again later."""
+
+    code, status = "STORE_UNAVAILABLE", 503
 
 
 class InternalError(GatewayError):

@@ -47,7 +47,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from .errors import StoreError
+from .errors import StoreError, StoreUnavailable
 from .events import Transcript
 from .store_base import (
     CORRECT_SQL,
@@ -78,6 +78,8 @@ Pool = ConnectionPool[psycopg.Connection[TupleRow]]
 
 # Seconds any one wait may take: a connection from the pool, a connection attempt, the retries.
 DEFAULT_MAX_WAIT = 5.0
+# Retry-After (seconds) of a 503 STORE_UNAVAILABLE: about one PostgreSQL restart.
+UNAVAILABLE_RETRY_AFTER = 5.0
 
 # pg_advisory_xact_lock key serialising migrations across replicas ("gateway" in ASCII, then 1).
 _MIGRATION_LOCK = 0x67617465776179_01
@@ -168,6 +170,10 @@ def store_errors(what: str) -> Iterator[None]:
     """The one boundary where psycopg's errors (the pool's included) become StoreError."""
     try:
         yield
+    except psycopg.OperationalError as exc:
+        # The connection failed or none could be had in time (PoolTimeout is one): a 503 the
+        # client may retry, not a fault of its request or of the data.
+        raise StoreUnavailable(f"{what}: {exc}", retry_after=UNAVAILABLE_RETRY_AFTER) from exc
     except psycopg.Error as exc:
         raise StoreError(f"{what}: {exc}") from exc
 

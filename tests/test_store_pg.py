@@ -17,9 +17,10 @@ import trio.testing
 from audio_util import GOFORWARD
 from conftest import make_config, run_gateway, wait_until
 from pg import PgServer, pg_server
+from replicas import eventually
 
 from gateway.config import StoreConfig
-from gateway.errors import StoreError
+from gateway.errors import StoreError, StoreUnavailable
 from gateway.events import Segment, Transcript
 from gateway.store import open_store
 from gateway.store_base import content_uuid
@@ -278,16 +279,18 @@ async def test_postgresql_crashing_mid_use_fails_calls_then_they_work_again() ->
                 fixed = (Segment(0.0, 1.0, "Corrected before the crash."),)
                 assert await store.set_corrections("before", fixed)
                 server.stop("immediate")
-                # Down: every call fails with StoreError, each within the bound.
+                # Down: every call fails with a 503 STORE_UNAVAILABLE the client may retry,
+                # each within the bound.
                 for call in (
                     lambda: store.get("before"),
                     lambda: store.save(transcript("during", "lost")),
                     lambda: store.set_corrections("before", ()),
                 ):
                     started = time.monotonic()
-                    with pytest.raises(StoreError):
+                    with pytest.raises(StoreUnavailable) as down:
                         await call()
                     assert time.monotonic() - started < 3
+                    assert down.value.status == 503 and down.value.retry_after
                 assert (await store.check_writable() or "").startswith("store not writable")
                 server.start()
                 # Back: the pool reconnects by itself; the next calls work.
@@ -320,3 +323,41 @@ async def test_a_gateway_with_store_url_keeps_its_transcripts_in_postgresql(
         async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url) as c:
             again = (await c.post("/v1/transcriptions", files=audio)).json()
             assert again["cached"] is True and again["text"] == first["text"]
+
+
+async def test_a_gateway_without_its_postgresql_answers_503_with_retry_after(
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL down: stored transcripts and new streams get 503 (STORE_UNAVAILABLE or, once
+    admission has noticed, UPSTREAM_UNAVAILABLE) with Retry-After, never a 500; once it is back,
+    the same requests work."""
+    audio = {"file": (GOFORWARD.name, GOFORWARD.read_bytes(), "audio/wav")}
+    with pg_server() as server, trio.fail_after(90):
+        url = server.create_database()
+        config = make_config(
+            tmp_path, store={"url": url}, cluster={"heartbeat": 0.2, "lease_ttl": 2.0}
+        )
+        async with run_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as c:
+            made = (await c.post("/v1/transcriptions", files=audio)).json()
+            server.stop("immediate")
+            for request in (
+                c.build_request("GET", f"/v1/transcriptions/{made['id']}"),
+                c.build_request("POST", "/v1/transcriptions/stream", files=audio),
+            ):
+                answer = await c.send(request)
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["error"]["code"] in (
+                    "STORE_UNAVAILABLE",
+                    "UPSTREAM_UNAVAILABLE",
+                )
+                assert int(answer.headers["retry-after"]) >= 1
+            server.start()
+
+            async def ready() -> bool:
+                return (await c.get("/readyz")).status_code == 200
+
+            await eventually(ready, within=30)
+            again = await c.get(f"/v1/transcriptions/{made['id']}")
+            assert again.status_code == 200 and again.json()["text"] == made["text"]
+            fresh = await c.post("/v1/transcriptions", params={"use_cache": "false"}, files=audio)
+            assert fresh.status_code == 200 and fresh.json()["cached"] is False

@@ -22,7 +22,7 @@ Close codes, after the last frame:
 1003  DECODE_ERROR: the audio cannot be decoded
 1008  INVALID_MESSAGE (a malformed or unknown text frame, audio after ``end``) and the other
       4xx refusals of the client's own making
-1011  UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, STORE_ERROR, INTERNAL_ERROR
+1011  UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, STORE_ERROR, STORE_UNAVAILABLE, INTERNAL_ERROR
 1013  CAPACITY_TIMEOUT, CAPACITY_EXHAUSTED, TOO_MANY_STREAMS: try again later
 4408  TIMEOUT: the client sent nothing for ``server.live_idle_timeout`` seconds, or the stream
       ran past ``server.max_session_seconds``
