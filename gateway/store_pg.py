@@ -80,6 +80,8 @@ Pool = ConnectionPool[psycopg.Connection[TupleRow]]
 DEFAULT_MAX_WAIT = 5.0
 # Retry-After (seconds) of a 503 STORE_UNAVAILABLE: about one PostgreSQL restart.
 UNAVAILABLE_RETRY_AFTER = 5.0
+# Seconds /readyz waits for the store's answer.
+READY_TIMEOUT = 1.0
 
 # pg_advisory_xact_lock key serialising migrations across replicas ("gateway" in ASCII, then 1).
 _MIGRATION_LOCK = 0x67617465776179_01
@@ -291,7 +293,9 @@ class PostgresStore(Store):
     def location(self) -> str:
         return self._location
 
-    async def _call(self, fn: Callable[[psycopg.Connection[TupleRow]], T]) -> T:
+    async def _call(
+        self, fn: Callable[[psycopg.Connection[TupleRow]], T], *, read_only: bool = False
+    ) -> T:
         if self._closed:
             raise StoreError("the store is closed")
 
@@ -301,7 +305,10 @@ class PostgresStore(Store):
 
         with store_errors("database error"):
             # Not abandoned on cancel: a transaction under way ends whole (commit or rollback).
-            return await anyio.to_thread.run_sync(run, limiter=self._limiter)
+            # A read-only call may be: nothing of it needs ending.
+            return await anyio.to_thread.run_sync(
+                run, limiter=self._limiter, abandon_on_cancel=read_only
+            )
 
     async def _fetch_one(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
         pg_query = _placeholders(query)
@@ -339,9 +346,14 @@ class PostgresStore(Store):
                 raise psycopg.Rollback()
 
         try:
-            await self._call(q)
+            # Probes have short timeouts: answer within READY_TIMEOUT even while the pool
+            # waits up to max_wait for a connection to a database that is gone.
+            with anyio.fail_after(READY_TIMEOUT):
+                await self._call(q, read_only=True)
         except StoreError as exc:
             return f"store not writable: {exc}"
+        except TimeoutError:
+            return f"store not writable: no answer from PostgreSQL within {READY_TIMEOUT:g} s"
         return None
 
 
