@@ -29,7 +29,8 @@ figure takes fresh databases on it) and SQLite files in a temp folder.
    hand-off across replicas, the queue's round trip).
 3. **Streams per second, one replica vs two.** Real ``gateway serve`` subprocesses
    (bench/_common.py ``start_gateway``), an instant scripted engine (``--words`` words, no
-   delay, no session cap), ``--clients`` closed-loop clients (the lean HTTP/1.1 SSE client of
+   delay) capped at twice ``--clients`` sessions (a cap is what makes the engine's admission
+   cluster-wide; this one never queues), ``--clients`` closed-loop clients (the lean HTTP/1.1 SSE client of
    bench/_common.py, keep-alive) spread round-robin over the replicas, each upload distinct
    (``use_cache=false``, so each stream is an engine session, an admission and a store write),
    ``--duration`` seconds after a short warm-up. Rows: one replica on SQLite (the baseline,
@@ -467,7 +468,7 @@ def postmaster_pid(pg: PgServer) -> int:
 
 
 def figure_streams(pg: PgServer, args: argparse.Namespace) -> str:
-    engine = scripted(args.words, seconds_per_word=0.1)
+    engine = scripted(args.words, seconds_per_word=0.1, cap=2 * args.clients)
     wav = silent_wav(args.words * 0.1)
     rows = []
     for label, count, on_pg in (

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import metrics, openapi, web
+from .admission import UNLIMITED
 from .api import aymurai, live, native, openai_compat, realtime
 from .api.common import ErrorResponder
 from .auth import AuthMiddleware, KeyRing
@@ -158,7 +159,10 @@ def create_app(config: Config) -> Starlette:
                     open_cluster(config.store.url, config.cluster)
                 )
                 for name, engine in state.engines.items():
-                    engine.admission = cluster.admission(name, engine.admission)
+                    # An embedded engine's cap is this replica's cores; an uncapped one queues
+                    # nothing: both keep their own admission.
+                    if engine.shares_upstream and engine.admission.capacity < UNLIMITED:
+                        engine.admission = cluster.admission(name, engine.admission)
                 state.cluster = cluster
             async with anyio.create_task_group() as tg:
                 for engine in state.engines.values():

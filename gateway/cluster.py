@@ -44,6 +44,11 @@ upstream key once granted; ``ON DELETE CASCADE`` from its replica).
   nothing is stored) and fails its queued tickets, so no upstream ever gets more sessions than
   its cap. A database restart shorter than that costs nothing: the rows are durable.
 
+Which engines share their admission: those whose sessions run on servers every replica uses
+(``Engine.shares_upstream``: WhisperLiveKit, OpenAI Realtime, and the scripted stand-in) and
+that have a cap. An embedded engine's cap is its own replica's cores, and a client can only run
+on the replica it reached, so it keeps a local admission; an uncapped engine never queues.
+
 Upstream health stays each replica's own view (a connection failure seen by one replica is not
 shared), and a cluster lease is never rerouted to another key while it runs: the session
 reconnects to its own key after a backoff instead.
@@ -473,7 +478,7 @@ class Cluster:
             states[pool] = state = _dispatch_sql(conn, replica, pool, offers)
             notify |= state.notify or bool(state.granted)
         if notify:
-            conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(replica)))
         return states
 
     async def _check(self) -> None:
@@ -545,8 +550,10 @@ class Cluster:
                     conn.execute(f"LISTEN {CHANNEL}")
                     wake()  # anything sent while it was not listening
                     while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=_LISTEN_POLL):
-                            wake()
+                        for note in conn.notifies(timeout=_LISTEN_POLL):
+                            # Its own notifications tell this replica nothing new.
+                            if note.payload != str(self._id):
+                                wake()
             except psycopg.Error as exc:
                 log.debug("admission listener reconnects: %s", exc)
                 self._stop.wait(_LISTEN_POLL)
@@ -568,7 +575,7 @@ class Cluster:
 
         def q(conn: psycopg.Connection[Any]) -> None:
             conn.execute("DELETE FROM gateway_replicas WHERE id = %s", (replica,))
-            conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(replica)))
 
         with anyio.move_on_after(_DB_TIMEOUT, shield=True), suppress(UpstreamUnavailable):
             await self._db(q)

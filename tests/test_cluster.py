@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
 import trio
 import trio.testing
-from conftest import wait_until
+from conftest import make_config, run_gateway, wait_until
 from pg import pg_server
 
 from gateway.admission import Admission, Lease, Ticket
@@ -239,3 +240,27 @@ async def test_a_short_postgresql_restart_keeps_running_sessions() -> None:
                 await running.release()
                 await queued.wait()
                 await queued.release()
+
+
+async def test_only_capped_engines_on_shared_upstreams_share_their_admission(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """An embedded engine's cap is its replica's cores, and an uncapped engine queues nothing:
+    they keep their own admission. A capped upstream pool shares it."""
+    config = make_config(
+        tmp_path,
+        store={"url": pg_url},
+        engines={
+            "embedded": {"kind": "whisper", "workers": 1},
+            "free": {"kind": "scripted", "words": ["a"]},
+            "capped": {"kind": "scripted", "words": ["a"], "max_sessions": 2},
+            "wlk": {"kind": "whisperlivekit", "urls": ["ws://127.0.0.1:9/asr"]},
+        },
+    )
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw:
+            admissions = {name: engine.admission for name, engine in gw.state.engines.items()}
+    assert {name for name, a in admissions.items() if isinstance(a, ClusterAdmission)} == {
+        "capped",
+        "wlk",
+    }

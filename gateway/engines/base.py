@@ -85,6 +85,9 @@ class Session(abc.ABC):
 
 class Engine(abc.ABC):
     kind: ClassVar[str]
+    #: Whether sessions run on servers other replicas use too (so that several replicas on one
+    #: PostgreSQL share this engine's caps and queue), rather than on this replica's own cores.
+    shares_upstream: ClassVar[bool] = False
     #: Who may open a session now; every session the pipeline opens holds a lease from it.
     admission: Admission
 

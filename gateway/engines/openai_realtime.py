@@ -68,6 +68,7 @@ class OpenAIRealtimeEngine(Engine):
     """OpenAI Realtime transcription, or any server speaking its GA WebSocket protocol."""
 
     kind = "openai-realtime"
+    shares_upstream = True
 
     def __init__(
         self,

@@ -87,6 +87,8 @@ class _ScriptedSession(Session):
 
 class ScriptedEngine(Engine):
     kind = "scripted"
+    # A stand-in for an upstream server in demos, tests and benchmarks.
+    shares_upstream = True
 
     def __init__(self, name: str, config: ScriptedConfig) -> None:
         super().__init__(name, config, sessions=config.max_sessions)

@@ -536,6 +536,7 @@ class WhisperLiveKitEngine(Engine):
     """Sessions on a pool of WhisperLiveKit servers (``urls``), ``max_sessions`` per server."""
 
     kind = "whisperlivekit"
+    shares_upstream = True
 
     def __init__(
         self,
