@@ -68,7 +68,7 @@ import anyio
 import psycopg
 import psycopg_pool
 
-from .admission import Admission, Lease, Ticket
+from .admission import DEFAULT_RETRY_AFTER, Admission, Lease, Ticket
 from .config import ClusterConfig
 from .errors import CapacityExhausted, CapacityTimeout, UpstreamUnavailable
 from .metrics import CLUSTER_QUEUE_LENGTH, CLUSTER_SESSIONS
@@ -170,7 +170,8 @@ def _reserve_sql(
         key = _pick(offers, _counts(conn, pool)) if waiting == 0 else None
         if key is None and waiting >= max_queue:
             raise CapacityExhausted(
-                f"{waiting} requests already queued across the cluster", retry_after=5.0
+                f"{waiting} requests already queued across the cluster",
+                retry_after=DEFAULT_RETRY_AFTER,
             )
         row = conn.execute(
             "INSERT INTO gateway_tickets (pool, replica, upstream, granted_at)"
