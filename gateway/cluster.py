@@ -37,6 +37,13 @@ upstream key once granted; ``ON DELETE CASCADE`` from its replica).
   (session advisory locks, ``pg_stat_activity``) would be quicker after a SIGKILL, but reads
   the same after a database restart as after a death, and a network split hides a dead peer
   for as long as TCP keepalives allow; one TTL gives one bound for all three.
+- **Every call has a deadline, and may be left running.** A connection whose peer went
+  silent can hang past any socket timeout, so each database call is abandoned after
+  ``_CALL_TIMEOUT`` (or when its caller leaves) while its thread finishes alone. Checks are
+  idempotent (each one reports every grant this replica holds, so one whose answer was lost
+  costs nothing). A reservation carries a random token (migration 4), and one whose answer was
+  lost has its row deleted by the next good check once its thread has ended: a commit whose
+  answer never arrived does not keep a place for ever.
 - **Losing the database stops admission, then ends sessions.** After one failed check a
   replica admits nothing new (503 UPSTREAM_UNAVAILABLE, and ``/readyz`` names the reason). If
   it still cannot check ``lease_ttl - heartbeat`` seconds after its last good check, the others
@@ -59,9 +66,11 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -89,6 +98,8 @@ _POOL_SIZE = 2
 # Seconds a database call may take before it counts as a failure (connect, wait for the pool
 # lock, or a statement).
 _DB_TIMEOUT = 5.0
+# Seconds a whole call may take (a connection from the pool, then its statements).
+_CALL_TIMEOUT = 2 * _DB_TIMEOUT
 # Seconds the listener thread blocks for notifications before it checks whether to stop.
 _LISTEN_POLL = 0.5
 
@@ -159,6 +170,7 @@ def _reserve_sql(
     pool: str,
     offers: Sequence[_Offer],
     max_queue: int,
+    token: str,
 ) -> tuple[int, str | None, int]:
     """Insert this replica's place: (seq, granted key or None, 1-based queue position)."""
     with conn.transaction():
@@ -174,10 +186,10 @@ def _reserve_sql(
                 retry_after=DEFAULT_RETRY_AFTER,
             )
         row = conn.execute(
-            "INSERT INTO gateway_tickets (pool, replica, upstream, granted_at)"
-            " VALUES (%s, %s, %s, CASE WHEN %s::text IS NULL THEN NULL ELSE now() END)"
+            "INSERT INTO gateway_tickets (pool, replica, upstream, granted_at, token)"
+            " VALUES (%s, %s, %s, CASE WHEN %s::text IS NULL THEN NULL ELSE now() END, %s)"
             " RETURNING seq",
-            (pool, replica, key, key),
+            (pool, replica, key, key, token),
         ).fetchone()
         assert row is not None
         return int(row[0]), key, 0 if key is not None else waiting + 1
@@ -213,6 +225,14 @@ def _dispatch_sql(
         for position, (seq, owner) in enumerate(queue[head:], start=1):
             if owner == replica:
                 state.positions[int(seq)] = position
+        # Grants made by an earlier check whose answer never arrived (abandoned on a timeout)
+        # are this replica's all the same: report every one, so the check is idempotent.
+        mine = conn.execute(
+            "SELECT seq, upstream FROM gateway_tickets"
+            " WHERE pool = %s AND replica = %s AND upstream IS NOT NULL",
+            (pool, replica),
+        ).fetchall()
+        state.granted.extend((int(seq), str(key)) for seq, key in mine)
         state.sessions = sum(counts.values())
         state.queued = len(queue) - head
     return state
@@ -311,9 +331,24 @@ class ClusterAdmission(Admission):
         replica = cluster._check_admitting()
         deadline = anyio.current_time() + self.queue_timeout
         offers = self._offers()
-        seq, key, position = await cluster._db(
-            lambda conn: _reserve_sql(conn, replica, self.pool, offers, self.max_queue)
-        )
+        token = uuid.uuid4().hex
+        finished = threading.Event()
+
+        def reserve(conn: psycopg.Connection[Any]) -> tuple[int, str | None, int]:
+            try:
+                return _reserve_sql(conn, replica, self.pool, offers, self.max_queue, token)
+            finally:
+                finished.set()
+
+        try:
+            seq, key, position = await cluster._db(reserve)
+        except CapacityExhausted:
+            raise
+        except BaseException:
+            # Timed out, failed or cancelled: its row may exist all the same (the answer of a
+            # commit can be lost). The next good check after the call ends deletes it.
+            cluster._abandoned[token] = finished
+            raise
         # No checkpoint from here on: a caller cancelled during the call still gets its
         # ticket registered, and releases it on the way out.
         ticket = _ClusterTicket(self, deadline, seq=seq)
@@ -379,6 +414,8 @@ class Cluster:
         self._admissions: dict[str, ClusterAdmission] = {}
         self._id: int | None = None
         self._released: set[int] = set()
+        # Reservations whose answer was lost, by token: set once their call has ended.
+        self._abandoned: dict[str, threading.Event] = {}
         self._wakeup = anyio.Event()
         self._problem: str | None = "cluster admission: not registered yet"
         self._last_ok = -math.inf
@@ -399,8 +436,7 @@ class Cluster:
 
     # -- database calls ------------------------------------------------------------------------
     async def _db(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """Run ``fn`` with a pooled connection on a worker thread. The call is not abandoned
-        when the caller is cancelled: a transaction commits or rolls back whole."""
+        """Run ``fn`` with a pooled connection on a worker thread, for at most _CALL_TIMEOUT."""
         pool = self._pool
         if pool is None:
             raise UpstreamUnavailable("cluster admission is closed")
@@ -410,11 +446,16 @@ class Cluster:
                 return fn(conn)
 
         try:
-            return await anyio.to_thread.run_sync(call)
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            # Abandoned on a deadline or a cancellation: a connection whose peer went silent
+            # can hang past any socket timeout, and every call here is safe to leave running
+            # (checks are idempotent; a reservation's row is found by its token).
+            with anyio.fail_after(_CALL_TIMEOUT):
+                return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        except (psycopg.Error, TimeoutError) as exc:
             self._failed(exc)
             raise UpstreamUnavailable(
-                f"cluster admission: database error: {exc}", retry_after=self.heartbeat
+                f"cluster admission: database error: {exc}".rstrip(": "),
+                retry_after=max(1.0, self.heartbeat),
             ) from exc
 
     def _check_admitting(self) -> int:
@@ -451,6 +492,7 @@ class Cluster:
         conn: psycopg.Connection[Any],
         replica: int,
         released: list[int],
+        abandoned: list[str],
         pools: list[tuple[str, list[_Offer]]],
     ) -> dict[str, _PoolState]:
         notify = False
@@ -466,6 +508,12 @@ class Cluster:
                     (replica, released),
                 )
                 notify |= gone.rowcount > 0
+            if abandoned:
+                lost = conn.execute(
+                    "DELETE FROM gateway_tickets WHERE replica = %s AND token = ANY(%s)",
+                    (replica, abandoned),
+                )
+                notify |= lost.rowcount > 0
             dead = conn.execute(
                 "DELETE FROM gateway_replicas"
                 " WHERE heartbeat_at < now() - make_interval(secs => %s) RETURNING name",
@@ -488,10 +536,13 @@ class Cluster:
             log.info("replica %s joined the cluster as %d", self.replica, self._id)
         replica = self._id
         released = sorted(self._released)
+        abandoned = [token for token, ended in self._abandoned.items() if ended.is_set()]
         pools = [(name, a._offers()) for name, a in self._admissions.items()]
         started = anyio.current_time()
         try:
-            states = await self._db(lambda conn: self._check_sql(conn, replica, released, pools))
+            states = await self._db(
+                lambda conn: self._check_sql(conn, replica, released, abandoned, pools)
+            )
         except UpstreamUnavailable:
             # A lost connection may hide an _Expired: the next check finds out.
             return
@@ -499,6 +550,8 @@ class Cluster:
             self._rejoin()
             return
         self._released.difference_update(released)
+        for token in abandoned:
+            del self._abandoned[token]
         self._last_ok, self._problem, self._fenced = started, None, False
         for name, state in states.items():
             self._admissions[name]._apply(state)
@@ -510,6 +563,7 @@ class Cluster:
             admission._fence(reason)
         self._id = None
         self._released.clear()
+        self._abandoned.clear()
 
     def _check_fence(self) -> None:
         if self._id is None:
@@ -621,4 +675,8 @@ async def open_cluster(url: str, config: ClusterConfig) -> AsyncIterator[Cluster
     finally:
         pool, cluster._pool = cluster._pool, None
         if pool is not None:
-            await anyio.to_thread.run_sync(pool.close)
+            # Bounded: a thread stuck on a silent connection keeps its connection, not us.
+            with anyio.move_on_after(_DB_TIMEOUT, shield=True):
+                await anyio.to_thread.run_sync(
+                    partial(pool.close, timeout=1.0), abandon_on_cancel=True
+                )

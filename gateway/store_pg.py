@@ -150,6 +150,12 @@ def _create_cluster_tables(conn: psycopg.Connection[Any]) -> None:
     conn.execute("CREATE INDEX gateway_tickets_pool ON gateway_tickets (pool, seq)")
 
 
+def _add_ticket_tokens(conn: psycopg.Connection[Any]) -> None:
+    # The token a reservation chose, so that one whose answer was lost (a timeout, a cut
+    # connection, a caller that left) can still be found and given back by its replica.
+    conn.execute("ALTER TABLE gateway_tickets ADD COLUMN token TEXT")
+
+
 def _placeholders(query: str) -> str:
     """A shared query (store_base) with psycopg's placeholders: its "?" become "%s". The shared
     queries hold no literal "?" or "%"."""
@@ -163,6 +169,7 @@ _MIGRATIONS: list[Callable[[psycopg.Connection[Any]], None]] = [
     _create_transcripts,  # 1
     _add_uuids,  # 2
     _create_cluster_tables,  # 3
+    _add_ticket_tokens,  # 4
 ]
 PG_SCHEMA_VERSION = len(_MIGRATIONS)
 

@@ -264,3 +264,107 @@ async def test_only_capped_engines_on_shared_upstreams_share_their_admission(
         "capped",
         "wlk",
     }
+
+
+class Blackhole:
+    """A TCP proxy to PostgreSQL that can go silent: after :meth:`cut` it forwards nothing and
+    closes nothing, as a lost network path does (neither end learns of it)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._cut = trio.Event()
+
+    def cut(self) -> None:
+        self._cut.set()
+
+    async def _pump(
+        self, source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+    ) -> None:
+        async for data in source:
+            if self._cut.is_set():
+                await trio.sleep_forever()
+            await sink.send_all(data)
+        done.cancel()  # closed before the cut: close the other side too
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as server:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
+                nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+
+async def test_a_replica_cut_off_from_postgresql_ends_its_session_before_others_reuse_it(
+    pg_url: str,
+) -> None:
+    """The network split: replica A loses its path to PostgreSQL without a word (a blackhole,
+    not a refusal), B keeps it. A must revoke its lease before B can be granted the place: the
+    upstream never has two sessions."""
+    url = migrated(pg_url)
+    config = ClusterConfig(heartbeat=0.25, lease_ttl=1.5)
+    moments: dict[str, float] = {}
+    proxy = Blackhole(int(str(psycopg.conninfo.conninfo_to_dict(url)["port"])))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(proxy.serve)
+            via_proxy = psycopg.conninfo.make_conninfo(url, port=port)
+            async with AsyncExitStack() as stack:
+                a_cluster = await stack.enter_async_context(
+                    open_cluster(via_proxy, ClusterConfig(replica="a", **config_of(config)))
+                )
+                b_cluster = await stack.enter_async_context(
+                    open_cluster(url, ClusterConfig(replica="b", **config_of(config)))
+                )
+                await wait_admitting(a_cluster)
+                await wait_admitting(b_cluster)
+                a = a_cluster.admission("pool", Admission({"u": 1}))
+                b = b_cluster.admission("pool", Admission({"u": 1}))
+                held = await a.admit()
+                waiting = await b.admit()
+                assert held.lease is not None and waiting.lease is None
+
+                async def revoked() -> None:
+                    assert held.lease is not None
+                    await held.lease.wait_revoked()
+                    moments["revoked"] = trio.current_time()
+
+                async def granted() -> None:
+                    await waiting.wait()
+                    moments["granted"] = trio.current_time()
+
+                async with trio.open_nursery() as watchers:
+                    watchers.start_soon(revoked)
+                    watchers.start_soon(granted)
+                    proxy.cut()
+                assert moments["revoked"] < moments["granted"]
+                assert a_cluster.problem() is not None and b_cluster.problem() is None
+                await waiting.release()
+                await held.release()
+            nursery.cancel_scope.cancel()
+
+
+def config_of(config: ClusterConfig) -> dict[str, float]:
+    return {"heartbeat": config.heartbeat, "lease_ttl": config.lease_ttl}
+
+
+async def test_a_reservation_whose_caller_left_gives_its_row_back(pg_url: str) -> None:
+    """A caller cancelled while its reservation waits for the pool lock: the transaction goes on
+    in its thread and inserts the row after all. Its token finds it; the place is not lost."""
+    url = migrated(pg_url)
+    with trio.fail_after(30):
+        async with replicas(url, 1, {"u": 1}) as (a,):
+            with psycopg.connect(url) as blocker:
+                blocker.execute("SELECT pg_advisory_xact_lock(26465, hashtext('pool'))")
+                with trio.move_on_after(0.3) as left:
+                    await a.admit()
+                assert left.cancelled_caught
+                blocker.commit()  # the abandoned reservation now inserts its row
+            await eventually(lambda: rows(url, "SELECT count(*) FROM gateway_tickets") == [(0,)])
+            # The only place is free: the next client runs at once.
+            ticket = await a.admit()
+            assert ticket.lease is not None
+            await ticket.release()
