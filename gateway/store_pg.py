@@ -3,9 +3,10 @@ one database, so a transcript written through one is read, cached and corrected 
 
 psycopg 3's async API runs on asyncio only, so the store runs as the SQLite one does: sync
 connections, from a ``psycopg_pool.ConnectionPool`` of ``store.pool_size``, each call on an anyio
-worker thread (at most one per connection). A call is not cancellable once its thread runs: a
-caller cancelled mid-write (its client gone) waits for the transaction to commit or roll back,
-so a write is whole or absent, never half. Only complete transcripts are written, each in one
+worker thread (at most one per connection). A caller that is cancelled (its client gone) or
+past its deadline (three times ``max_wait``; ``READY_TIMEOUT`` for /readyz) stops waiting, and the thread
+finishes the transaction alone: a write is whole or absent, never half, and a connection whose
+peer went silent cannot hold a request for ever. Migrations alone are waited for to the end. Only complete transcripts are written, each in one
 transaction; rows are per tenant; writing a transcript again keeps its human corrections (the
 upsert leaves ``corrected`` alone).
 
@@ -39,7 +40,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -82,6 +83,9 @@ DEFAULT_MAX_WAIT = 5.0
 UNAVAILABLE_RETRY_AFTER = 5.0
 # Seconds /readyz waits for the store's answer.
 READY_TIMEOUT = 1.0
+# Any other call may take this many times the pool's max_wait: a connection from the pool,
+# then its statements.
+CALL_TIMEOUT_WAITS = 3
 
 # pg_advisory_xact_lock key serialising migrations across replicas ("gateway" in ASCII, then 1).
 _MIGRATION_LOCK = 0x67617465776179_01
@@ -301,21 +305,41 @@ class PostgresStore(Store):
         return self._location
 
     async def _call(
-        self, fn: Callable[[psycopg.Connection[TupleRow]], T], *, read_only: bool = False
+        self,
+        fn: Callable[[psycopg.Connection[TupleRow]], T],
+        *,
+        deadline: float | Literal["default"] | None = "default",
     ) -> T:
+        """Run ``fn`` with a pooled connection on a worker thread.
+
+        With a ``deadline`` (by default CALL_TIMEOUT_WAITS times the pool's ``max_wait``) the
+        caller stops waiting after it (StoreUnavailable) or when it is
+        cancelled, and the thread finishes alone: its transaction still commits or rolls back
+        whole, and a connection whose peer went silent cannot hold a request for ever. Without
+        one (migrations) the caller waits for the end.
+        """
         if self._closed:
             raise StoreError("the store is closed")
+        if deadline == "default":
+            deadline = CALL_TIMEOUT_WAITS * self._pool.timeout
 
         def run() -> T:
             with self._pool.connection() as conn:
                 return fn(conn)
 
         with store_errors("database error"):
-            # Not abandoned on cancel: a transaction under way ends whole (commit or rollback).
-            # A read-only call may be: nothing of it needs ending.
-            return await anyio.to_thread.run_sync(
-                run, limiter=self._limiter, abandon_on_cancel=read_only
-            )
+            if deadline is None:
+                return await anyio.to_thread.run_sync(run, limiter=self._limiter)
+            try:
+                with anyio.fail_after(deadline):
+                    return await anyio.to_thread.run_sync(
+                        run, limiter=self._limiter, abandon_on_cancel=True
+                    )
+            except TimeoutError as exc:
+                raise StoreUnavailable(
+                    f"no answer from PostgreSQL within {deadline:g} s",
+                    retry_after=UNAVAILABLE_RETRY_AFTER,
+                ) from exc
 
     async def _fetch_one(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
         pg_query = _placeholders(query)
@@ -355,12 +379,9 @@ class PostgresStore(Store):
         try:
             # Probes have short timeouts: answer within READY_TIMEOUT even while the pool
             # waits up to max_wait for a connection to a database that is gone.
-            with anyio.fail_after(READY_TIMEOUT):
-                await self._call(q, read_only=True)
+            await self._call(q, deadline=READY_TIMEOUT)
         except StoreError as exc:
             return f"store not writable: {exc}"
-        except TimeoutError:
-            return f"store not writable: no answer from PostgreSQL within {READY_TIMEOUT:g} s"
         return None
 
 
@@ -372,7 +393,7 @@ async def open_postgres_store(
     the store until the block exits; then close its connections."""
     async with open_pool(url, pool_size, max_wait=max_wait) as pool:
         store = PostgresStore(pool, location=redacted(url))
-        await store._call(migrate)
+        await store._call(migrate, deadline=None)
         try:
             yield store
         finally:

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import trio
 import trio.testing
+from blackhole import Blackhole
 from conftest import make_config, run_gateway, wait_until
 from pg import pg_server
 
@@ -264,38 +265,6 @@ async def test_only_capped_engines_on_shared_upstreams_share_their_admission(
         "capped",
         "wlk",
     }
-
-
-class Blackhole:
-    """A TCP proxy to PostgreSQL that can go silent: after :meth:`cut` it forwards nothing and
-    closes nothing, as a lost network path does (neither end learns of it)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self._cut = trio.Event()
-
-    def cut(self) -> None:
-        self._cut.set()
-
-    async def _pump(
-        self, source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
-    ) -> None:
-        async for data in source:
-            if self._cut.is_set():
-                await trio.sleep_forever()
-            await sink.send_all(data)
-        done.cancel()  # closed before the cut: close the other side too
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as server:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
-                nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
-
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(self._handle, listeners)
 
 
 async def test_a_replica_cut_off_from_postgresql_ends_its_session_before_others_reuse_it(
