@@ -21,6 +21,7 @@ import trio
 from audio_util import GOFORWARD
 from conftest import SSE, Gateway, make_config, run_gateway, sse_events, wait_until
 from nginx_proxy import CLIENT_ADDRESS, SHIPPED, Nginx, run_nginx
+from test_live import open_websocket_url, receive_all, send_audio
 
 from gateway.admission import Lease
 from gateway.config import ScriptedConfig
@@ -271,6 +272,35 @@ def access_log(caplog: pytest.LogCaptureFixture) -> dict[str, str]:
         for r in caplog.records
         if r.name == "gateway.access"
     }
+
+
+@pytest.mark.nginx
+async def test_a_live_websocket_passes_through_and_outlives_proxy_read_timeout(
+    tmp_path: Path,
+) -> None:
+    """GET /v1/transcriptions/live through nginx over TLS: the upgrade passes on, the audio
+    streams in while the gateway's pings keep the socket past the test's 1 s
+    proxy_read_timeout, and the transcript it stores is read back through nginx."""
+    config = make_config(
+        tmp_path,
+        server={"default_engine": "s", "keepalive": 0.2, "trusted_hops": 1},
+        engines={"s": {"kind": "scripted", **WORDS}},
+    )
+    pcm = bytes(16000 * 2 * 2)  # 2 s of 16 kHz s16le
+    with trio.fail_after(60):
+        async with run_gateway(config) as gw, run_nginx(tmp_path, gw.url) as nginx:
+            url = nginx.url.replace("https://", "wss://", 1) + "/v1/transcriptions/live"
+            async with open_websocket_url(url, ssl_context=nginx.tls) as ws:
+                # Quiet for longer than proxy_read_timeout (1 s here) before the audio: the
+                # silence is the scenario, not a wait for something.
+                await trio.sleep(1.5)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_audio, ws, pcm)
+                    frames, code = await receive_all(ws)
+            assert code == 1000 and frames[-1]["type"] == "done", frames
+            async with nginx.client() as client:
+                stored = await client.get(f"/v1/transcriptions/{frames[-1]['id']}")
+    assert stored.status_code == 200 and stored.json()["text"] == frames[-1]["text"]
 
 
 @pytest.mark.nginx
