@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python bench/crash.py
 	$(BIN)/python bench/fuzz.py
 	$(BIN)/python bench/cluster.py
+	$(BIN)/python bench/pg_driver.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
