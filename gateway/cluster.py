@@ -299,6 +299,11 @@ class ClusterAdmission(Admission):
         self.cluster_queue = 0
 
     @property
+    def cluster(self) -> Cluster:
+        """The replica's membership this admission shares through."""
+        return self._cluster
+
+    @property
     def queue_length(self) -> int:
         return sum(1 for t in self._tickets.values() if t.lease is None)
 
@@ -427,6 +432,11 @@ class Cluster:
     def problem(self) -> str | None:
         """None while this replica admits; otherwise why it does not."""
         return self._problem
+
+    @property
+    def lost_reservations(self) -> int:
+        """Reservations whose answer was lost and whose rows no check has deleted yet."""
+        return len(self._abandoned)
 
     def admission(self, pool: str, local: Admission) -> ClusterAdmission:
         """The shared admission for engine ``pool``, with ``local``'s caps and queue limits."""

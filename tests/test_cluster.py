@@ -200,7 +200,7 @@ async def test_a_replica_that_loses_postgresql_stops_admitting_then_ends_its_ses
                 waiting = await a.admit()
                 assert waiting.lease is None
                 server.stop("immediate")
-                cluster = a._cluster
+                cluster = a.cluster
                 await eventually(lambda: cluster.problem() is not None)
                 assert "PostgreSQL" in (cluster.problem() or "")
                 with pytest.raises(UpstreamUnavailable):
@@ -233,8 +233,8 @@ async def test_a_short_postgresql_restart_keeps_running_sessions() -> None:
                 running = await a.admit()
                 server.stop("fast")
                 server.start()
-                await wait_admitting(a._cluster)
-                await wait_admitting(b._cluster)
+                await wait_admitting(a.cluster)
+                await wait_admitting(b.cluster)
                 queued = await b.admit()
                 assert queued.lease is None, "the running lease survived the restart"
                 assert running.lease is not None and not running.lease._revoked.is_set()
@@ -331,8 +331,11 @@ async def test_a_reservation_whose_caller_left_gives_its_row_back(pg_url: str) -
                 with trio.move_on_after(0.3) as left:
                     await a.admit()
                 assert left.cancelled_caught
+                assert a.cluster.lost_reservations == 1
                 blocker.commit()  # the abandoned reservation now inserts its row
-            await eventually(lambda: rows(url, "SELECT count(*) FROM gateway_tickets") == [(0,)])
+            # Once its thread has ended, a check deletes the row by its token.
+            await eventually(lambda: a.cluster.lost_reservations == 0)
+            assert rows(url, "SELECT count(*) FROM gateway_tickets") == [(0,)]
             # The only place is free: the next client runs at once.
             ticket = await a.admit()
             assert ticket.lease is not None
