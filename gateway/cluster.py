@@ -75,8 +75,8 @@ from typing import Any, TypeVar
 
 import anyio
 import psycopg
-import psycopg_pool
 
+from . import _pg
 from .admission import DEFAULT_RETRY_AFTER, Admission, Lease, Ticket
 from .config import ClusterConfig
 from .errors import CapacityExhausted, CapacityTimeout, UpstreamUnavailable
@@ -104,23 +104,22 @@ _CALL_TIMEOUT = 2 * _DB_TIMEOUT
 _LISTEN_POLL = 0.5
 
 
+def _name(replica: str) -> str:
+    return f"gateway-admission-{replica}"
+
+
+def _connect_options(replica: str) -> dict[str, Any]:
+    # A silent peer is given up after _DB_TIMEOUT: this replica's checks, not its clients, wait.
+    return _pg.connect_options(
+        max_wait=_DB_TIMEOUT,
+        dead_after=_DB_TIMEOUT,
+        statement_timeout=_DB_TIMEOUT,
+        name=_name(replica),
+    )
+
+
 class _Expired(Exception):
     """This replica's row is gone: the others took its places after lease_ttl."""
-
-
-def _connect_kwargs() -> dict[str, Any]:
-    # tcp_user_timeout and keepalives bound how long a call can hang on a dead network path.
-    return {
-        "connect_timeout": int(_DB_TIMEOUT),
-        "keepalives": 1,
-        "keepalives_idle": 5,
-        "keepalives_interval": 2,
-        "keepalives_count": 2,
-        "tcp_user_timeout": int(_DB_TIMEOUT * 1000),
-        "options": f"-c statement_timeout={int(_DB_TIMEOUT * 1000)}"
-        f" -c lock_timeout={int(_DB_TIMEOUT * 1000)}",
-        "application_name": "asr-gateway admission",
-    }
 
 
 @dataclass(frozen=True)
@@ -426,7 +425,7 @@ class Cluster:
         self._last_ok = -math.inf
         self._fenced = False
         self._stop = threading.Event()
-        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._pool: _pg.Pool | None = None
 
     # -- figures -----------------------------------------------------------------------------
     def problem(self) -> str | None:
@@ -458,9 +457,8 @@ class Cluster:
         try:
             # Abandoned on a deadline or a cancellation: a connection whose peer went silent
             # can hang past any socket timeout, and every call here is safe to leave running
-            # (checks are idempotent; a reservation's row is found by its token).
-            with anyio.fail_after(_CALL_TIMEOUT):
-                return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+            # (a check after a failed one reconciles; a reservation's row is found by its token).
+            return await _pg.call(pool, fn, deadline=_CALL_TIMEOUT)
         except (psycopg.Error, TimeoutError) as exc:
             self._failed(exc)
             raise UpstreamUnavailable(
@@ -611,7 +609,7 @@ class Cluster:
         """Blocks on a worker thread until ``_stop``: calls ``wake`` for every notification."""
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True, **_connect_kwargs()) as conn:
+                with psycopg.connect(self.url, **_connect_options(self.replica)) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     wake()  # anything sent while it was not listening
                     while not self._stop.is_set():
@@ -653,16 +651,15 @@ async def open_cluster(url: str, config: ClusterConfig) -> AsyncIterator[Cluster
     on exit this replica's places go back to the others at once."""
     cluster = Cluster(url, config)
 
-    def open_pool() -> psycopg_pool.ConnectionPool[psycopg.Connection[Any]]:
-        pool = psycopg_pool.ConnectionPool(
+    def open_pool() -> _pg.Pool:
+        pool = _pg.connection_pool(
             url,
             min_size=1,
             max_size=_POOL_SIZE,
-            kwargs={"autocommit": True, **_connect_kwargs()},
-            check=psycopg_pool.ConnectionPool.check_connection,
-            timeout=_DB_TIMEOUT,
-            open=False,
-            name=f"gateway-admission-{cluster.replica}",
+            max_wait=_DB_TIMEOUT,
+            dead_after=_DB_TIMEOUT,
+            statement_timeout=_DB_TIMEOUT,
+            name=_name(cluster.replica),
         )
         pool.open(wait=False)
         return pool

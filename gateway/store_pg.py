@@ -46,8 +46,9 @@ from urllib.parse import urlsplit
 import anyio
 import psycopg
 from psycopg.rows import TupleRow
-from psycopg_pool import ConnectionPool
 
+from . import _pg
+from ._pg import Pool
 from .errors import StoreError, StoreUnavailable
 from .events import Transcript
 from .store_base import (
@@ -75,10 +76,11 @@ __all__ = [
 
 T = TypeVar("T")
 
-Pool = ConnectionPool[psycopg.Connection[TupleRow]]
-
 # Seconds any one wait may take: a connection from the pool, a connection attempt, the retries.
 DEFAULT_MAX_WAIT = 5.0
+# Seconds after which a connection whose server went silent is given up (its caller left at
+# its deadline long before: this frees the connection).
+DEAD_AFTER = 30.0
 # Retry-After (seconds) of a 503 STORE_UNAVAILABLE: about one PostgreSQL restart.
 UNAVAILABLE_RETRY_AFTER = 5.0
 # Seconds /readyz waits for the store's answer.
@@ -253,24 +255,8 @@ def connection_pool(
     """A sync psycopg pool of ``size`` autocommit connections to ``url``, not yet open (see
     :func:`open_pool`). Connections are checked as they are taken, and every wait is bounded by
     ``max_wait`` (see the module docstring)."""
-    return ConnectionPool(
-        url,
-        kwargs={
-            "autocommit": True,
-            "connect_timeout": max(2, math.ceil(max_wait)),  # libpq: whole seconds, 2 at least
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 5,
-            "keepalives_count": 3,
-            "tcp_user_timeout": 30_000,  # ms unacknowledged before the socket gives up
-        },
-        min_size=size,
-        max_size=size,
-        open=False,
-        check=ConnectionPool.check_connection,
-        timeout=max_wait,
-        reconnect_timeout=max_wait,
-        name=name,
+    return _pg.connection_pool(
+        url, min_size=size, max_size=size, max_wait=max_wait, dead_after=DEAD_AFTER, name=name
     )
 
 
@@ -322,19 +308,9 @@ class PostgresStore(Store):
             raise StoreError("the store is closed")
         if deadline == "default":
             deadline = CALL_TIMEOUT_WAITS * self._pool.timeout
-
-        def run() -> T:
-            with self._pool.connection() as conn:
-                return fn(conn)
-
         with store_errors("database error"):
-            if deadline is None:
-                return await anyio.to_thread.run_sync(run, limiter=self._limiter)
             try:
-                with anyio.fail_after(deadline):
-                    return await anyio.to_thread.run_sync(
-                        run, limiter=self._limiter, abandon_on_cancel=True
-                    )
+                return await _pg.call(self._pool, fn, deadline=deadline, limiter=self._limiter)
             except TimeoutError as exc:
                 raise StoreUnavailable(
                     f"no answer from PostgreSQL within {deadline:g} s",

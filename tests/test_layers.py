@@ -19,6 +19,8 @@ FORBIDDEN = {
     "gateway.auth": ("gateway.api.", "gateway.app", "gateway.jobs", "gateway.pipeline"),
     "gateway.jobs": ("gateway.api.", "gateway.app", "gateway.auth", "gateway.server"),
     "gateway.pipeline": ("gateway.api.", "gateway.app", "gateway.auth", "gateway.jobs"),
+    # Shared PostgreSQL plumbing: psycopg and anyio only.
+    "gateway._pg": ("gateway.",),
     "gateway.cluster": (
         "gateway.api.",
         "gateway.app",
