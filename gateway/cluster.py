@@ -39,9 +39,9 @@ upstream key once granted; ``ON DELETE CASCADE`` from its replica).
   for as long as TCP keepalives allow; one TTL gives one bound for all three.
 - **Every call has a deadline, and may be left running.** A connection whose peer went
   silent can hang past any socket timeout, so each database call is abandoned after
-  ``_CALL_TIMEOUT`` (or when its caller leaves) while its thread finishes alone. Checks are
-  idempotent (each one reports every grant this replica holds, so one whose answer was lost
-  costs nothing). A reservation carries a random token (migration 4), and one whose answer was
+  ``_CALL_TIMEOUT`` (or when its caller leaves) while its thread finishes alone. A check whose
+  answer was lost may have granted places: the next good check reports every grant this
+  replica holds, so nothing is lost. A reservation carries a random token (migration 4), and one whose answer was
   lost has its row deleted by the next good check once its thread has ended: a commit whose
   answer never arrived does not keep a place for ever.
 - **Losing the database stops admission, then ends sessions.** After one failed check a
@@ -144,6 +144,8 @@ class _PoolState:
     """What one check learned about a pool, for this replica's tickets."""
 
     granted: list[tuple[int, str]] = field(default_factory=list)
+    # Every grant the replica holds, when the check reconciled (see _dispatch_sql).
+    held: list[tuple[int, str]] = field(default_factory=list)
     positions: dict[int, int] = field(default_factory=dict)
     sessions: int = 0
     queued: int = 0
@@ -195,9 +197,15 @@ def _reserve_sql(
 
 
 def _dispatch_sql(
-    conn: psycopg.Connection[Any], replica: int, pool: str, offers: Sequence[_Offer]
+    conn: psycopg.Connection[Any],
+    replica: int,
+    pool: str,
+    offers: Sequence[_Offer],
+    *,
+    reconcile: bool,
 ) -> _PoolState:
-    """Grant this replica's places at the head of the pool's queue while there is room."""
+    """Grant this replica's places at the head of the pool's queue while there is room; with
+    ``reconcile``, also report every grant this replica already holds."""
     state = _PoolState()
     with conn.transaction():
         _lock_pool(conn, pool)
@@ -224,14 +232,15 @@ def _dispatch_sql(
         for position, (seq, owner) in enumerate(queue[head:], start=1):
             if owner == replica:
                 state.positions[int(seq)] = position
-        # Grants made by an earlier check whose answer never arrived (abandoned on a timeout)
-        # are this replica's all the same: report every one, so the check is idempotent.
-        mine = conn.execute(
-            "SELECT seq, upstream FROM gateway_tickets"
-            " WHERE pool = %s AND replica = %s AND upstream IS NOT NULL",
-            (pool, replica),
-        ).fetchall()
-        state.granted.extend((int(seq), str(key)) for seq, key in mine)
+        if reconcile:
+            # Grants made by an earlier check whose answer never arrived (it failed or was
+            # abandoned) are this replica's all the same.
+            mine = conn.execute(
+                "SELECT seq, upstream FROM gateway_tickets"
+                " WHERE pool = %s AND replica = %s AND upstream IS NOT NULL",
+                (pool, replica),
+            ).fetchall()
+            state.held = [(int(seq), str(key)) for seq, key in mine]
         state.sessions = sum(counts.values())
         state.queued = len(queue) - head
     return state
@@ -388,7 +397,7 @@ class ClusterAdmission(Admission):
         return False
 
     def _apply(self, state: _PoolState) -> None:
-        for seq, key in state.granted:
+        for seq, key in (*state.granted, *state.held):
             ticket = self._tickets.get(seq)
             if ticket is not None and ticket.lease is None:
                 self._grant(ticket, key)
@@ -418,6 +427,8 @@ class Cluster:
         self._admissions: dict[str, ClusterAdmission] = {}
         self._id: int | None = None
         self._released: set[int] = set()
+        # A check failed since the last good one: the next reconciles its grants.
+        self._unsure = False
         # Reservations whose answer was lost, by token: set once their call has ended.
         self._abandoned: dict[str, threading.Event] = {}
         self._wakeup = anyio.Event()
@@ -449,10 +460,6 @@ class Cluster:
         pool = self._pool
         if pool is None:
             raise UpstreamUnavailable("cluster admission is closed")
-
-        def call() -> T:
-            with pool.connection(timeout=_DB_TIMEOUT) as conn:
-                return fn(conn)
 
         try:
             # Abandoned on a deadline or a cancellation: a connection whose peer went silent
@@ -502,6 +509,7 @@ class Cluster:
         released: list[int],
         abandoned: list[str],
         pools: list[tuple[str, list[_Offer]]],
+        reconcile: bool,
     ) -> dict[str, _PoolState]:
         notify = False
         with conn.transaction():
@@ -532,7 +540,7 @@ class Cluster:
             notify |= bool(dead)
         states = {}
         for pool, offers in pools:
-            states[pool] = state = _dispatch_sql(conn, replica, pool, offers)
+            states[pool] = state = _dispatch_sql(conn, replica, pool, offers, reconcile=reconcile)
             notify |= state.notify or bool(state.granted)
         if notify:
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(replica)))
@@ -546,13 +554,16 @@ class Cluster:
         released = sorted(self._released)
         abandoned = [token for token, ended in self._abandoned.items() if ended.is_set()]
         pools = [(name, a._offers()) for name, a in self._admissions.items()]
+        reconcile = self._unsure
         started = anyio.current_time()
         try:
             states = await self._db(
-                lambda conn: self._check_sql(conn, replica, released, abandoned, pools)
+                lambda conn: self._check_sql(conn, replica, released, abandoned, pools, reconcile)
             )
         except UpstreamUnavailable:
-            # A lost connection may hide an _Expired: the next check finds out.
+            # A lost connection may hide an _Expired, or grants made by a check whose answer
+            # was lost: the next good check finds out.
+            self._unsure = True
             return
         except _Expired:
             self._rejoin()
@@ -561,6 +572,7 @@ class Cluster:
         for token in abandoned:
             del self._abandoned[token]
         self._last_ok, self._problem, self._fenced = started, None, False
+        self._unsure = False
         for name, state in states.items():
             self._admissions[name]._apply(state)
 
