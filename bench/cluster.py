@@ -630,7 +630,7 @@ def postgres() -> Iterator[PgServer]:
         with pg_server() as server:
             yield server
     except pytest.skip.Exception as exc:
-        sys.exit(f"bench/cluster.py needs PostgreSQL's binaries: {exc}")
+        sys.exit(f"bench/{Path(sys.argv[0]).name} needs PostgreSQL's binaries: {exc}")
 
 
 def main() -> None:

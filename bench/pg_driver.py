@@ -66,14 +66,13 @@ import contextlib
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 import psycopg
-import pytest
 import trio
 from psycopg import pq
 
@@ -82,8 +81,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import machine, markdown_table, percentile  # noqa: E402
-from cluster import load_average, own_cpu, timed_calls, transcript  # noqa: E402
-from pg import PgServer, pg_server  # noqa: E402
+from cluster import load_average, own_cpu, postgres, timed_calls, transcript  # noqa: E402
 
 from gateway.events import Transcript  # noqa: E402
 from gateway.store_base import (  # noqa: E402
@@ -459,15 +457,6 @@ async def run(url: str, args: argparse.Namespace) -> str:
 
 
 # --- main ----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def postgres() -> Iterator[PgServer]:
-    try:
-        with pg_server() as server:
-            yield server
-    except pytest.skip.Exception as exc:
-        sys.exit(f"bench/pg_driver.py needs PostgreSQL's binaries: {exc}")
 
 
 def main() -> None:
