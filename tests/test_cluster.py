@@ -105,8 +105,6 @@ async def test_one_fifo_across_replicas_with_positions_that_move_up(pg_url: str)
                 seen[i] = []
                 async with ticket.granted(seen[i].append):
                     order.append(i)
-                    # Hold the place until the next one is at the head.
-                    await trio.sleep(0.05)
 
             async with trio.open_nursery() as nursery:
                 for i, ticket in enumerate(tickets):
